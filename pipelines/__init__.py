@@ -1,0 +1,1 @@
+"""Dagster wiring for the S3T engine (thin: every asset calls one engine operation)."""

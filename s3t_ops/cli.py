@@ -1,0 +1,239 @@
+"""`s3t`: train S3T models, honour deletions at once, inspect the served plan."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+DEFAULT_STATE = os.environ.get("S3T_STATE", "s3t_state")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    from s3t_ops.config import S3TConfig
+
+    d = S3TConfig()
+    g = p.add_argument_group("model config (used when a state folder is created)")
+    g.add_argument("--shards", type=int, default=d.shards, help=f"m, number of shards (default {d.shards})")
+    g.add_argument("--slices", type=int, default=d.slices, help=f"L, slices per shard = LoRA groups (default {d.slices})")
+    g.add_argument("--budget", type=int, default=d.budget, help=f"B, sequences per shard (default {d.budget})")
+    g.add_argument("--selection", default=d.selection, choices=["cyclic", "tree", "bms"], help="sequence selection (default %(default)s)")
+    g.add_argument("--deletion-prior", type=float, nargs="+", default=None, help="per-slice deletion probabilities for --selection bms")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs per stage (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of LoRA and head (default {d.lr})")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"(default {d.lora_rank})")
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per text (default {d.max_tokens})")
+    g.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples to sample (default {d.n_train}; 0 = all)")
+    g.add_argument("--n-val", type=int, default=d.n_val, help=f"(default {d.n_val})")
+    g.add_argument("--n-test", type=int, default=d.n_test, help=f"(default {d.n_test})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
+    g.add_argument("--backbone", default=None, help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
+
+
+def _config(args: argparse.Namespace):
+    from s3t_ops.config import S3TConfig
+
+    return S3TConfig(
+        shards=args.shards, slices=args.slices, budget=args.budget, selection=args.selection,
+        deletion_prior=tuple(args.deletion_prior) if args.deletion_prior else None, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+        max_tokens=args.max_tokens, n_train=args.n_train or None, n_val=args.n_val, n_test=args.n_test,
+        seed=args.seed, backbone=args.backbone, state_dir=Path(args.state),
+    )
+
+
+def _state_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", default=DEFAULT_STATE, help="state folder: ledger, trunk cache, checkpoints (default: $S3T_STATE or ./s3t_state)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s3t",
+        description="Exact machine unlearning with S3T: train sharded, sliced, sequence-aware LoRA stages on a frozen "
+                    "transformer; honour a deletion at once by serving, per shard, the longest stage prefix that never saw it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train on the packaged tweets, honour random deletions, retrain; writes a plot and JSON")
+    _state_arg(p)
+    p.add_argument("--fresh", action="store_true", help="delete an existing state folder first")
+    p.add_argument("--deletions", type=int, default=4, help="random training examples to forget, one request at a time (default 4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _config_args(p)
+
+    p = sub.add_parser("train", help="ingest data into a new state folder (or reuse one) and train every missing stage")
+    _state_arg(p)
+    p.add_argument("--source", default=None, help="CSV/Parquet with text,label[,id] columns (default: the packaged tweets)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _config_args(p)
+
+    p = sub.add_parser("forget", help="delete examples; honoured at once by a new serving plan, no training")
+    _state_arg(p)
+    p.add_argument("ids", nargs="*", help="example ids")
+    p.add_argument("--file", help="file with one id per line, or a CSV with an `id` column")
+
+    p = sub.add_parser("status", help="data, deletions, served plan and stale stages of a state folder")
+    _state_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("serve-plan", help="print the served plan (JSON): shard -> sequence, depth, checkpoint keys")
+    _state_arg(p)
+
+    p = sub.add_parser("predict", help="classify texts with the served ensemble")
+    _state_arg(p)
+    p.add_argument("texts", nargs="+")
+    return parser
+
+
+def _read_ids(args: argparse.Namespace) -> list[str]:
+    ids = list(args.ids)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        if path.suffix.lower() == ".csv":
+            import pandas as pd
+
+            frame = pd.read_csv(path, dtype=str)
+            if "id" not in frame.columns:
+                raise ValueError(f"{path}: needs an `id` column")
+            ids += frame["id"].dropna().tolist()
+        else:
+            ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError("give example ids as arguments or with --file")
+    return ids
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from s3t_ops.demo import run_demo
+
+    state = Path(args.state)
+    if state.exists() and any(state.iterdir()):
+        if not args.fresh:
+            raise FileExistsError(f"{state} already holds a state; pass --fresh to replace it or --state to choose another folder")
+        shutil.rmtree(state)
+    run_demo(_config(args), deletions=args.deletions, progress=not args.quiet)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from s3t_ops.engine import S3T
+
+    state = Path(args.state)
+    if (state / "config.json").is_file():
+        engine = S3T.open(state, progress=not args.quiet)
+        print(f"using existing state {state}")
+    else:
+        engine = S3T(_config(args), progress=not args.quiet)
+        counts = engine.ingest(args.source)
+        print(f"ingested {counts}")
+    engine.build_trunk()
+    report = engine.train()
+    plan_id, plan = engine.serve()
+    print(f"trained {len(report.trained)} stages, reused {report.reused}, in {report.seconds:.1f}s; "
+          f"served plan {plan_id}: {[(c.shard, c.seq, c.depth) for c in plan.choices]}; test accuracy {engine.evaluate('test'):.3f}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from s3t_ops.engine import S3T
+
+    engine = S3T.open(args.state, progress=False)
+    ids = _read_ids(args)
+    f = engine.forget(ids)
+    print(f"forgot {len(f.new)} example(s)" + (f"; {len(f.already)} were already forgotten" if f.already else ""))
+    print(f"honoured by plan {f.plan_id} in {f.honour_seconds * 1000:.0f} ms with 0 gradient steps; "
+          f"erased cached states and {f.purged_checkpoints} stale checkpoint(s) in {f.erase_seconds * 1000:.0f} ms")
+    print(f"served (shard, sequence, depth): {[(c.shard, c.seq, c.depth) for c in f.plan.choices]}; dead shards: {list(f.plan.dead_shards)}")
+    print(f"{len(engine.missing_stages())} stage(s) await retraining (`s3t train --state {args.state}`)")
+    return 0
+
+
+def status_dict(state: str) -> dict:
+    from s3t_ops.engine import S3T
+
+    engine = S3T.open(state, progress=False)
+    served = engine.served()
+    dels = engine.ledger.deletions()
+    counts = engine.ledger.examples().groupby("split").size().to_dict()
+    missing = engine.missing_stages()
+    return {
+        "state": str(state), "config": engine.cfg.to_dict(), "examples": {k: int(v) for k, v in counts.items()},
+        "sequences": [list(p) for p in engine.sequences],
+        "deletions": {"total": len(dels), "honoured": int(dels["honoured_at"].notna().sum()),
+                      "retrained": int(dels["retrained_at"].notna().sum())},
+        "served_plan": None if served is None else {"plan_id": served[0], **served[1]["plan"]},
+        "stages": {"total": len({s.key for s in engine.stage_specs()}), "awaiting_retraining": len(missing)},
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    s = status_dict(args.state)
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+        return 0
+    c = s["config"]
+    print(f"state {s['state']}: m={c['shards']} shards, L={c['slices']} slices, B={c['budget']} ({c['selection']}) sequences {s['sequences']}")
+    print(f"examples: {s['examples']}")
+    d = s["deletions"]
+    print(f"deletions: {d['total']} requested, {d['honoured']} honoured, {d['retrained']} retrained")
+    plan = s["served_plan"]
+    if plan:
+        choices = ", ".join(f"shard {ch['shard']}: seq {ch['seq']} depth {ch['depth']}" for ch in plan["choices"])
+        print(f"served plan {plan['plan_id']}: {choices or 'no live shard'}")
+    print(f"stages: {s['stages']['total']} total, {s['stages']['awaiting_retraining']} awaiting retraining")
+    return 0
+
+
+def cmd_serve_plan(args: argparse.Namespace) -> int:
+    from s3t_ops.engine import S3T
+
+    served = S3T.open(args.state, progress=False).served()
+    if served is None:
+        raise RuntimeError("no plan served yet; run `s3t train` first")
+    print(json.dumps({"plan_id": served[0], **served[1]}, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from s3t_ops.engine import S3T
+
+    engine = S3T.open(args.state, progress=False)
+    labels, probs = engine.ensemble().predict(args.texts)
+    names = engine.label_names
+    for text, y, p in zip(args.texts, labels.tolist(), probs.tolist()):
+        print(json.dumps({"text": text, "label": names[y], "probabilities": dict(zip(names, [round(x, 4) for x in p]))}))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "forget": cmd_forget, "status": cmd_status,
+            "serve-plan": cmd_serve_plan, "predict": cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from s3t_ops.backbone import BackboneError
+    from s3t_ops.config import ConfigError
+    from s3t_ops.data import DataError
+    from s3t_ops.engine import StateError
+    from s3t_ops.ensemble import NoLiveShardError
+    from s3t_ops.ledger import UnknownExampleError
+
+    known = (ConfigError, DataError, StateError, UnknownExampleError, BackboneError, NoLiveShardError,
+             FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+    try:
+        return COMMANDS[args.command](args)
+    except known as exc:
+        print(f"s3t: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("s3t: interrupted; completed steps are kept in the state folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""One validated configuration for an S3T model, so every module reads the same values."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SELECTIONS = ("cyclic", "tree", "bms")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message starts with the field name."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class S3TConfig:
+    """Everything that decides what is trained. Fields that change checkpoints enter `training_fingerprint`."""
+
+    shards: int = 3
+    slices: int = 3
+    budget: int = 3
+    selection: str = "cyclic"
+    deletion_prior: tuple[float, ...] | None = None
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("query", "value")
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_tokens: int = 32
+    seed: int = 0
+    n_train: int | None = 1800
+    n_val: int | None = 300
+    n_test: int | None = 600
+    backbone: str | None = None  # a local HF model folder; None = the packaged all-MiniLM-L6-v2
+    state_dir: Path = field(default=Path("s3t_state"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.deletion_prior is not None:
+            object.__setattr__(self, "deletion_prior", tuple(float(p) for p in self.deletion_prior))
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("shards", "slices", "budget", "lora_rank", "lora_alpha", "epochs", "batch_size", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        for name in ("n_train", "n_val", "n_test"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(name, f"must be a positive integer or None (all), got {value!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError("selection", f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.selection in ("cyclic", "bms") and self.budget > self.slices:
+            raise ConfigError(
+                "budget",
+                f"{self.selection} selection allows at most slices={self.slices} sequences, got {self.budget}; "
+                "use selection='tree' for a larger budget",
+            )
+        factorial = 1
+        for i in range(2, self.slices + 1):
+            factorial *= i
+        if self.budget > factorial:
+            raise ConfigError("budget", f"at most slices! = {factorial} distinct sequences exist, got {self.budget}")
+        if self.deletion_prior is not None:
+            if len(self.deletion_prior) != self.slices:
+                raise ConfigError("deletion_prior", f"needs one probability per slice ({self.slices}), got {len(self.deletion_prior)}")
+            if any(not (0.0 <= p <= 1.0) for p in self.deletion_prior):
+                raise ConfigError("deletion_prior", "probabilities must lie in [0, 1]")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be positive, got {self.lr}")
+        if not self.lora_targets:
+            raise ConfigError("lora_targets", "name at least one module (e.g. query, value)")
+
+    def check_backbone(self, n_blocks: int) -> None:
+        """Fail early, naming the field, when the backbone cannot hold one group per slice."""
+        if self.slices > n_blocks:
+            raise ConfigError("slices", f"L={self.slices} groups need at least {self.slices} transformer blocks; the backbone has {n_blocks}")
+
+    def check_examples(self, n_train: int) -> None:
+        """Every slice must be able to hold at least one example."""
+        cells = self.shards * self.slices
+        if n_train < cells:
+            raise ConfigError("shards", f"m*L = {self.shards}*{self.slices} = {cells} slices need at least as many training examples; got {n_train}")
+
+    def training_fingerprint(self) -> str:
+        """Hash of the fields that change a trained stage; part of every checkpoint key."""
+        keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "epochs", "batch_size", "lr", "max_tokens", "seed", "slices")
+        payload = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=list)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["state_dir"] = str(self.state_dir)
+        d["lora_targets"] = list(self.lora_targets)
+        d["deletion_prior"] = list(self.deletion_prior) if self.deletion_prior is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "S3TConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "S3TConfig":
+        return dataclasses.replace(self, **changes)

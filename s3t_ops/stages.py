@@ -1,0 +1,129 @@
+"""Train one S3T stage: group k (from the top) of one shard's sequence, on the prefix's cumulative data.
+
+Deterministic by construction: the seed comes from (shard, prefix), the data order of each epoch
+from a hash of (seed, epoch, id). Removing an example therefore leaves the order of all others
+unchanged, and retraining reproduces a from-scratch run bit for bit (CPU).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from s3t_ops.backbone import Backbone, new_head
+from s3t_ops.checkpoints import join_state, split_state
+from s3t_ops.trunk import TrunkCache
+
+
+@dataclass
+class StageResult:
+    state: dict[str, torch.Tensor]  # "lora.*" of group k + "head.*"
+    grad_example_steps: int  # examples that went through a gradient step (epochs counted)
+    steps: int
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_accuracies: list[float] = field(default_factory=list)
+    val_acc: float | None = None
+    seconds: float = 0.0
+
+
+def epoch_order(ids: Sequence[str], seed: int, epoch: int) -> list[int]:
+    """Order from per-id hashes, independent of which other ids are present."""
+    keys = [hashlib.sha256(f"{seed}|{epoch}|{i}".encode()).digest() for i in ids]
+    return sorted(range(len(ids)), key=keys.__getitem__)
+
+
+def load_prefix(backbone: Backbone, parents: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    """Load groups 1..k-1 from their stage checkpoints; returns the last head (or None)."""
+    head = None
+    for g, state in enumerate(parents, start=1):
+        lora, head = split_state(state)
+        backbone.load_group(g, lora)
+    return head
+
+
+def depth_logits(backbone: Backbone, head: nn.Module, trunk: TrunkCache, rows: torch.Tensor, depth: int, batch_size: int) -> torch.Tensor:
+    """Logits of a depth-k model (adapters already loaded and active) on cached trunk rows."""
+    start = backbone.layout.start_block(depth)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            h, mask = trunk.batch(rows[i:i + batch_size], start)
+            out.append(head(backbone.run_from(h, mask, start)))
+    return torch.cat(out) if out else torch.zeros(0, head.out_features)
+
+
+def train_stage(
+    backbone: Backbone,
+    trunk: TrunkCache,
+    train_ids: Sequence[str],
+    labels: torch.Tensor,
+    k: int,
+    parents: Sequence[dict[str, torch.Tensor]],
+    seed: int,
+    num_labels: int,
+    val: tuple[TrunkCache, torch.Tensor] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> StageResult:
+    """Train group k with groups 1..k-1 frozen (from `parents`) and groups below k untrained."""
+    if len(parents) != k - 1:
+        raise ValueError(f"stage {k} needs {k - 1} parent checkpoints, got {len(parents)}")
+    if len(train_ids) == 0:
+        raise ValueError(f"stage {k} has no training examples")
+    cfg = backbone.cfg
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parent_head = load_prefix(backbone, parents)
+        backbone.reset_group(k, seed)
+        backbone.activate(k)
+        head = new_head(backbone.hidden_size, num_labels, seed)
+        if parent_head is not None:
+            head.load_state_dict(parent_head)
+        params = backbone.group_parameters(k)
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params + list(head.parameters()), lr=cfg.lr, weight_decay=0.0)
+        start = backbone.layout.start_block(k)
+        rows = trunk.rows(train_ids)
+        loss_fn = nn.CrossEntropyLoss()
+        result = StageResult(state={}, grad_example_steps=0, steps=0)
+        try:
+            for epoch in range(cfg.epochs):
+                backbone.set_train_blocks(backbone.layout.blocks(k))
+                head.train()
+                order = torch.tensor(epoch_order(train_ids, seed, epoch), dtype=torch.long)
+                total_loss, correct = 0.0, 0
+                for i in range(0, len(order), cfg.batch_size):
+                    idx = order[i:i + cfg.batch_size]
+                    h, mask = trunk.batch(rows[idx], start)
+                    logits = head(backbone.run_from(h, mask, start))
+                    y = labels[idx]
+                    loss = loss_fn(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    result.steps += 1
+                    result.grad_example_steps += len(idx)
+                    total_loss += float(loss.detach()) * len(idx)
+                    correct += int((logits.argmax(-1) == y).sum())
+                    if on_batch:
+                        on_batch(len(idx))
+                result.epoch_losses.append(total_loss / len(order))
+                result.epoch_accuracies.append(correct / len(order))
+        finally:
+            backbone.peft.eval()
+            head.eval()
+            for p in params:
+                p.requires_grad_(False)
+        if val is not None and len(val[0]) > 0:
+            vtrunk, vlabels = val
+            logits = depth_logits(backbone, head, vtrunk, torch.arange(len(vtrunk)), k, max(cfg.batch_size, 128))
+            result.val_acc = float((logits.argmax(-1) == vlabels).float().mean())
+        lora = backbone.group_state(k)
+        result.state = join_state(lora, {n: t.detach().clone() for n, t in head.state_dict().items()})
+    result.seconds = time.perf_counter() - t0
+    return result

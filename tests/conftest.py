@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny random BERT (real tokenizer, 4 blocks, hidden 32) so engine tests run in seconds."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from s3t_ops.backbone import packaged_model_dir
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    src = packaged_model_dir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, out / name)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
+    return out
+
+
+def toy_frame(n: int = 120, seed: int = 0) -> pd.DataFrame:
+    """Labelled texts whose label is learnable from a keyword, with distinct texts."""
+    import random
+
+    rng = random.Random(seed)
+    words = {0: ["awful", "bad", "sad"], 1: ["fine", "okay", "plain"], 2: ["great", "happy", "love"]}
+    rows = []
+    for i in range(n):
+        y = i % 3
+        rows.append({"text": f"{rng.choice(words[y])} day number {i} {rng.choice(['!', '.', '?'])}", "label": ["neg", "neu", "pos"][y]})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def toy_csv(tmp_path) -> Path:
+    path = tmp_path / "toy.csv"
+    toy_frame().to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_backbone_dir):
+    from s3t_ops.config import S3TConfig
+
+    def make(**changes):
+        base = dict(shards=2, slices=2, budget=2, epochs=2, batch_size=8, lr=5e-3, max_tokens=16, lora_rank=4,
+                    lora_alpha=8, n_train=None, n_val=12, n_test=12, backbone=str(tiny_backbone_dir),
+                    state_dir=tmp_path / "state")
+        base.update(changes)
+        return S3TConfig(**base)
+
+    return make
