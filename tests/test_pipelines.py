@@ -1,6 +1,7 @@
 """The Dagster wiring in-process: definitions load, partitions, and deletion staleness == the planner's prediction."""
 from __future__ import annotations
 
+import datetime
 import random
 
 import dagster as dg
@@ -179,3 +180,34 @@ def test_deletion_sensor_requests_the_ensemble_then_each_dirty_slice(trained_pip
     with dg.build_sensor_context(instance=instance, cursor=result.cursor, resources=defs.resources,
                                  repository_def=defs.get_repository_def()) as ctx:
         assert not sensor.evaluate_tick(ctx).run_requests  # nothing new: nothing requested
+
+
+def test_nightly_schedule_requests_each_stale_sequence_from_its_first_stale_stage(trained_pipeline):
+    from s3t_ops.engine import S3T
+
+    t = trained_pipeline
+    defs, instance, cfg = t["defs"], t["instance"], t["cfg"]
+    engine = S3T.open(cfg.state_dir, progress=False)
+    engine.train()  # start fresh whatever earlier tests left
+    train = engine.ledger.examples("train")
+    victim = train[train["shard"] == 1]["id"].iloc[0]
+    receipt = engine.forget([victim])
+    (s, j), = receipt.dirty
+    expected = stages_to_retrain(cyclic(3, 3), cfg.shards, {s: {j}})
+    first = {}
+    for s2, q, k in expected:
+        first[(s2, q)] = min(k, first.get((s2, q), k))
+    schedule = defs.resolve_schedule_def("retrain_stale_stages")
+    tick = datetime.datetime(2026, 11, 24, 2, tzinfo=datetime.timezone.utc)
+    with dg.build_schedule_context(instance=instance, resources=defs.resources, scheduled_execution_time=tick,
+                                   repository_def=defs.get_repository_def()) as ctx:
+        reqs = list(schedule.evaluate_tick(ctx).run_requests)
+    got = {}
+    for r in reqs:
+        p = S3TPartitions.parse(r.partition_key)
+        got[(p["shard"], p["seq"])] = min(int(k.path[-1].split("_")[1]) for k in r.asset_selection)
+    assert got == first
+    engine.train()
+    with dg.build_schedule_context(instance=instance, resources=defs.resources, scheduled_execution_time=tick,
+                                   repository_def=defs.get_repository_def()) as ctx:
+        assert not list(schedule.evaluate_tick(ctx).run_requests or [])  # fresh: the tick skips
