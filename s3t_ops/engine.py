@@ -180,7 +180,7 @@ class S3T:
         self.build_trunk(slices=[(shard, slc)], eval_splits=False)
         train = self.ledger.examples("train")
         members = train[(train["shard"] == shard) & (train["slice"] == slc)][["id", "label"]].reset_index(drop=True)
-        path = self.root / "slices" / f"s{shard}-j{slc}.parquet"
+        path = self._slice_parquet(shard, slc)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         members.to_parquet(tmp, index=False)
@@ -188,6 +188,22 @@ class S3T:
         cached = set(self.slice_trunk(shard, slc).ids)
         return {"shard": shard, "slice": slc, "version": slice_version(members["id"]), "n_live": len(members),
                 "path": str(path), "trunk_rows": len(cached), "ids": set(members["id"])}
+
+    def _slice_parquet(self, shard: int, slc: int) -> Path:
+        return self.root / "slices" / f"s{shard}-j{slc}.parquet"
+
+    def _prefix_labels(self, shard: int, prefix: tuple[int, ...], ids: list[str]) -> torch.Tensor:
+        """Labels from the slices' Parquet files when the pipeline wrote them (no ledger connection while
+        training under a multiprocess executor), else from the ledger."""
+        paths = [self._slice_parquet(shard, j) for j in prefix]
+        if not all(p.is_file() for p in paths):
+            return self._labels(ids)
+        frame = pd.concat([pd.read_parquet(p) for p in paths])
+        label = dict(zip(frame["id"], frame["label"].astype(int)))
+        missing = [i for i in ids if i not in label]
+        if missing:
+            raise StateError(f"slice files of shard {shard} lack {len(missing)} cached example(s); re-materialize slice_data")
+        return torch.tensor([label[i] for i in ids], dtype=torch.long)
 
     def materialize_stage(self, shard: int, seq: int, stage: int, on_batch=None) -> tuple[dict, bool]:
         """Stage `stage` of (shard, seq) under the current data: (checkpoint row, reused?)."""
@@ -260,7 +276,7 @@ class S3T:
             key = row["parent_key"]
         parents = [self.store.load(k) for k in reversed(chain)]
         trunk = TrunkCache.concat([self.slice_trunk(spec.shard, j) for j in spec.prefix])
-        labels = self._labels(trunk.ids)
+        labels = self._prefix_labels(spec.shard, spec.prefix, trunk.ids)
         val = self.trunk("val.safetensors")
         result = train_stage(self.backbone, trunk, trunk.ids, labels, spec.stage, parents, spec.seed,
                              len(self.label_names), val=(val, self._labels(val.ids)), on_batch=on_batch)

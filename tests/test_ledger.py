@@ -160,3 +160,23 @@ def test_meta_round_trip(ledger):
     ledger.set_meta("label_names", ["a", "b"])
     assert Ledger(ledger.path).get_meta("label_names") == ["a", "b"]
     assert ledger.get_meta("missing", 7) == 7
+
+
+def _writer(path: str, worker: int, n: int) -> int:
+    """A separate process recording checkpoints and reading plans, as concurrent Dagster step workers do."""
+    led = Ledger(path)
+    for i in range(n):
+        led.record_checkpoint(_ckpt(f"w{worker}-{i}", worker % 2, (0,), None, 0, "v"))
+        led.latest_plan()
+    return n
+
+
+def test_concurrent_processes_never_fail_on_the_file_lock(ledger):
+    """DuckDB allows one read-write process per file: short retried connections serialise writers."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(4) as pool:
+        done = pool.starmap(_writer, [(str(ledger.path), w, 15) for w in range(4)])
+    ledger.forget(["e000"])  # a compaction while nothing else holds the file
+    assert done == [15] * 4
+    assert len(ledger.checkpoints()) == 60
