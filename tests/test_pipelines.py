@@ -11,7 +11,7 @@ from pipelines.definitions import build_definitions
 from pipelines.partitions import S3TPartitions
 from pipelines.settings import PipelineSettings, load_settings
 from s3t_ops.planner import stages_to_retrain
-from s3t_ops.sequences import cyclic, permutation_tree
+from s3t_ops.sequences import cyclic, permutation_tree, select_sequences
 from tests.conftest import toy_frame
 
 
@@ -211,3 +211,21 @@ def test_nightly_schedule_requests_each_stale_sequence_from_its_first_stale_stag
     with dg.build_schedule_context(instance=instance, resources=defs.resources, scheduled_execution_time=tick,
                                    repository_def=defs.get_repository_def()) as ctx:
         assert not list(schedule.evaluate_tick(ctx).run_requests or [])  # fresh: the tick skips
+
+
+def test_asset_graph_partitions_and_stage_dependencies():
+    from pipelines.definitions import defs
+
+    cfg = load_settings().cfg
+    graph = defs.resolve_asset_graph()
+    dims = lambda key: {d.name: len(d.partitions_def.get_partition_keys())  # noqa: E731
+                        for d in graph.get(dg.AssetKey(key)).partitions_def.partitions_defs}
+    assert dims("slice_data") == {"shard": cfg.shards, "slice": cfg.slices}
+    n_seq = len(select_sequences(cfg.selection, cfg.slices, cfg.budget, cfg.deletion_prior))
+    for k in range(1, cfg.slices + 1):
+        node = graph.get(dg.AssetKey(f"stage_{k}"))
+        assert dims(f"stage_{k}") == {"shard": cfg.shards, "seq": n_seq}
+        parents = {p.to_user_string() for p in node.parent_keys}
+        assert parents == ({"slice_data"} | ({f"stage_{k - 1}"} if k > 1 else set()))
+        assert isinstance(node.partition_mappings[dg.AssetKey("slice_data")], dg.MultiPartitionMapping)
+    assert graph.get(dg.AssetKey("s3t_ensemble")).partitions_def is None
