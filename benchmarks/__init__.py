@@ -1,0 +1,1 @@
+"""Reproducible comparisons of S3T with its baselines; each script writes JSON + a PNG into --out."""

@@ -1,0 +1,157 @@
+"""Shared helpers of the benchmark scripts: config flags, machine description, state setup, output."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` works as well as `python -m benchmarks.x`
+    sys.path.insert(0, str(ROOT))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the module docstring's layout and shows every default."""
+
+
+def base_parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description, formatter_class=HelpFormatter)
+    p.add_argument("--out", default="results", help="results folder; writes <out>/%s.json and <out>/%s.png" % (name, name))
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds); for smoke tests, not for reported figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice, usually one per core)")
+    return p
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def model_args(p: argparse.ArgumentParser, **defaults: Any) -> None:
+    """Data/model flags shared by the benchmarks that train (defaults chosen per benchmark)."""
+    g = p.add_argument_group("data and model")
+    g.add_argument("--source", default=None, help="CSV/Parquet with text,label columns (default: the packaged tweets)")
+    g.add_argument("--backbone", default=None, help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--shards", type=int, default=defaults.get("shards", 5), help="m")
+    g.add_argument("--slices", type=int, default=defaults.get("slices", 3), help="L (= LoRA groups)")
+    g.add_argument("--budget", type=int, default=defaults.get("budget", 3), help="B, S3T sequences per shard")
+    g.add_argument("--selection", default="cyclic", choices=["cyclic", "tree", "bms"], help="S3T sequence selection")
+    g.add_argument("--n-train", type=int, default=defaults.get("n_train", 1500), help="training examples")
+    g.add_argument("--n-val", type=int, default=defaults.get("n_val", 200), help="validation examples")
+    g.add_argument("--n-test", type=int, default=defaults.get("n_test", 500), help="test examples")
+    g.add_argument("--epochs", type=int, default=defaults.get("epochs", 2), help="epochs per stage / per model / per slice step")
+    g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", 32))
+    g.add_argument("--lr", type=float, default=defaults.get("lr", 1e-3))
+    g.add_argument("--lora-rank", type=int, default=defaults.get("lora_rank", 8))
+    g.add_argument("--max-tokens", type=int, default=defaults.get("max_tokens", 32))
+    g.add_argument("--seed", type=int, default=0)
+
+
+QUICK = dict(shards=2, slices=2, budget=2, n_train=40, n_val=8, n_test=16, epochs=1, batch_size=8, max_tokens=16, lora_rank=4)
+
+
+def make_config(args: argparse.Namespace, state_dir: Path, **overrides: Any):
+    from s3t_ops.config import S3TConfig
+
+    values = dict(shards=args.shards, slices=args.slices, budget=args.budget, selection=args.selection, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                  max_tokens=args.max_tokens, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
+                  backbone=args.backbone, state_dir=state_dir)
+    if args.quick:
+        values.update({k: v for k, v in QUICK.items() if k in values})
+        values["lora_alpha"] = 2 * values["lora_rank"]
+    values.update(overrides)
+    return S3TConfig(**values)
+
+
+def fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def prepare_engine(cfg, source: str | None, progress: bool):
+    """Ingest into a new state folder and cache the trunk; returns (engine, seconds)."""
+    from s3t_ops.engine import S3T
+
+    t0 = time.perf_counter()
+    engine = S3T(cfg, progress=progress)
+    engine.ingest(source)
+    engine.build_trunk()
+    return engine, time.perf_counter() - t0
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on (the CPU may be shared: the load average is recorded too)."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        mem_gb = None
+    return {
+        "cpu": cpu, "logical_cpus": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(), "memory_gb": mem_gb, "torch": torch.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """JSON without NaN/inf (written as null) so every reader accepts the file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(out: Path, name: str, data: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(_clean(data), indent=2, default=str))
+    return path
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def bar(total: int | None, desc: str, quiet: bool, unit: str = "it"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False)
+
+
+def target(name: str, value: float | None, threshold: float, higher_is_better: bool = True, unit: str = "x") -> dict[str, Any]:
+    met = None if value is None or not math.isfinite(value) else (value >= threshold if higher_is_better else value <= threshold)
+    return {"target": name, "measured": value, "threshold": threshold, "unit": unit, "met": met}

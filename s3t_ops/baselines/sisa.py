@@ -1,0 +1,158 @@
+"""SISA (Bourtoule et al., S&P 2021) on the same shards, slices, backbone and trunk as S3T.
+
+Each shard trains one model incrementally over its slices in one fixed order (0, 1, ..., L-1), with
+a checkpoint after every slice: checkpoint r is trained on slices 1..r. A deletion in slice r (1-based
+position) invalidates checkpoints r..L of that shard only; SISA honours it by retraining from
+checkpoint r-1 on slices r..L without the deleted examples (r = 1: from scratch).
+
+Two model parameterisations:
+- `model="full"` (classic SISA): one LoRA over every group, training continued slice by slice
+  (checkpoint r = checkpoint r-1 trained `epochs` more on slices 1..r).
+- `model="stages"`: S3T's stages over one sequence (stage r trains group r on slices 1..r). This is an
+  S3T run with budget B = 1 (identity order) that retrains at once instead of switching prefixes,
+  and its checkpoints are exactly those of S3T's identity sequence (same seeds and data order).
+
+`retrain=False` gives SISA without retraining, for accuracy-vs-deletions curves: a deletion in slice
+r drops checkpoints r..L and the shard serves checkpoint r-1 (`fallback="prefix"`) or dies at once
+(`fallback="kill"`, the textbook m*H(m) deletion rate). Aggregation: averaged logits as in S3T
+(`aggregation="mean"`, default, for a fair comparison) or majority vote (`"vote"`).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+
+import torch
+
+from s3t_ops.baselines.base import AGGREGATIONS, FitReport, ForgetCost, LogitCache, SharedData, UnlearningSystem, accuracy, aggregate, derive_seed
+from s3t_ops.baselines.full_lora import full_logits, train_full_lora
+from s3t_ops.checkpoints import stage_seed
+from s3t_ops.ensemble import Ensemble, ShardModel
+from s3t_ops.stages import train_stage
+
+MODELS = ("full", "stages")
+FALLBACKS = ("prefix", "kill")
+
+
+class SISA(UnlearningSystem):
+    def __init__(self, data: SharedData, retrain: bool = True, model: str = "full", aggregation: str = "mean",
+                 fallback: str = "prefix", name: str | None = None, on_batch=None):
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+        self.data = data
+        self.retrain = retrain
+        self.model = model
+        self.aggregation = aggregation
+        self.fallback = fallback
+        self.name = name or ("SISA" + ("" if retrain else " (no retraining)"))
+        self.on_batch = on_batch
+        self.live: set[str] = set(data.cells)
+        L, m = data.slices, data.shards
+        self.order = tuple(range(L))  # one sequence: slices in index order
+        self.ckpts: list[list[dict | None]] = [[None] * L for _ in range(m)]
+        self.depth = [0] * m
+        self._version = [0] * m
+        self._cache = LogitCache()
+
+    def clone(self, retrain: bool | None = None, name: str | None = None, fallback: str | None = None) -> "SISA":
+        """An independent copy sharing the trained checkpoints (so one fit serves SISA with and without retraining)."""
+        other = copy.copy(self)
+        other.retrain = self.retrain if retrain is None else retrain
+        other.fallback = self.fallback if fallback is None else fallback
+        other.name = name or ("SISA" + ("" if other.retrain else " (no retraining)"))
+        other.live = set(self.live)
+        other.ckpts = [list(c) for c in self.ckpts]
+        other.depth = list(self.depth)
+        other._version = list(self._version)
+        other._cache = LogitCache()
+        return other
+
+    # --- training ---------------------------------------------------------------------------
+    def _train_from(self, shard: int, r: int) -> tuple[int, int]:
+        """Retrain checkpoints r..L of a shard from checkpoint r-1; returns (grad example-steps, checkpoints)."""
+        d = self.data
+        steps = trained = 0
+        self.depth[shard] = r - 1
+        for t in range(r, d.slices + 1):
+            prefix = self.order[:t]
+            ids = d.ids_in(self.live, shard, prefix)
+            if not ids:  # every slice so far emptied: nothing to train on, the shard stays at this depth
+                break
+            labels = d.label_tensor(ids)
+            if self.model == "full":
+                init = self.ckpts[shard][t - 2] if t > 1 else None
+                res = train_full_lora(d.backbone, d.train, ids, labels, derive_seed(d.cfg.seed, "sisa", shard, t),
+                                      d.num_labels, init=init, on_batch=self.on_batch)
+            else:
+                parents = self.ckpts[shard][: t - 1]
+                res = train_stage(d.backbone, d.train, ids, labels, t, parents, stage_seed(d.cfg.seed, shard, prefix),
+                                  d.num_labels, on_batch=self.on_batch)
+            self.ckpts[shard][t - 1] = res.state
+            self.depth[shard] = t
+            steps += res.grad_example_steps
+            trained += 1
+        self._version[shard] += 1
+        return steps, trained
+
+    def fit(self) -> FitReport:
+        t0 = time.perf_counter()
+        report = FitReport()
+        for s in range(self.data.shards):
+            steps, n = self._train_from(s, 1)
+            report.grad_example_steps += steps
+            report.models += n
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def forget(self, ids: Iterable[str]) -> ForgetCost:
+        t0 = time.perf_counter()
+        new = self.data.take(ids, self.live)
+        first: dict[int, int] = {}  # shard -> earliest 1-based position hit
+        for i in new:
+            s, j = self.data.cells[i]
+            first[s] = min(first.get(s, self.data.slices + 1), self.order.index(j) + 1)
+        steps = trained = 0
+        for s, r in sorted(first.items()):
+            if self.retrain:
+                n_steps, n = self._train_from(s, r)
+                steps += n_steps
+                trained += n
+            else:
+                keep = 0 if self.fallback == "kill" else min(self.depth[s], r - 1)
+                for t in range(keep, self.data.slices):
+                    self.ckpts[s][t] = None  # a checkpoint that saw the example is dropped, not kept aside
+                if keep != self.depth[s]:
+                    self.depth[s] = keep
+                    self._version[s] += 1
+        return ForgetCost(time.perf_counter() - t0, steps, retrained=trained)
+
+    # --- serving ----------------------------------------------------------------------------
+    def depths(self) -> dict[int, int]:
+        return dict(enumerate(self.depth))
+
+    def shard_logits(self, split: str) -> dict[int, torch.Tensor]:
+        trunk = self.data.evals[split]
+        out = {}
+        for s, dep in enumerate(self.depth):
+            if dep == 0:
+                continue
+            if self.model == "full":
+                state = self.ckpts[s][dep - 1]
+                compute = lambda state=state: full_logits(self.data.backbone, state, self.data.num_labels, trunk)
+            else:
+                states = self.ckpts[s][:dep]
+                compute = lambda s=s, dep=dep, states=states: Ensemble(
+                    self.data.backbone, [ShardModel(s, dep, states)], self.data.num_labels).shard_logits_from_trunk(trunk)[s]
+            out[s] = self._cache.get(split, s, (self._version[s], dep), compute)
+        return out
+
+    def evaluate(self, split: str = "test") -> float:
+        logits = self.shard_logits(split)
+        if not logits:
+            return float("nan")
+        return accuracy(aggregate(list(logits.values()), self.aggregation), self.data.eval_labels(split))
