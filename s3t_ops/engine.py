@@ -383,13 +383,14 @@ class S3T:
     def forget(self, ids: Iterable[str]) -> ForgetReport:
         """Honour deletions at once: no gradient step, just a new plan over checkpoints that never saw them."""
         t0 = time.perf_counter()
-        receipt = self.ledger.forget(ids, compact=False)
-        self._ckpt_cache = None
-        served = self.served()
-        if not receipt.new and served is not None:  # all already forgotten: the served plan honours them
-            pid, plan = served[0], ServingPlan.from_dict(served[1]["plan"])
-        else:
-            pid, plan = self.serve()
+        with self.ledger.session():  # one connection for the whole honour path
+            receipt = self.ledger.forget(ids, compact=False)
+            self._ckpt_cache = None
+            served = self.served()
+            if not receipt.new and served is not None:  # all already forgotten: the served plan honours them
+                pid, plan = served[0], ServingPlan.from_dict(served[1]["plan"])
+            else:
+                pid, plan = self.serve()
         honour = time.perf_counter() - t0
         t1 = time.perf_counter()
         self._erase(receipt.new, receipt.dirty)

@@ -64,10 +64,28 @@ class Ledger:
         self.path = Path(path)
         self.retries = retries
         self.wait_s = wait_s
+        self._session: duckdb.DuckDBPyConnection | None = None
+
+    @contextmanager
+    def session(self) -> Iterator["Ledger"]:
+        """One read-write connection for a burst of calls (opening one costs ~10 ms): the honour path
+        of a deletion runs in a session so it stays in milliseconds. Other processes wait meanwhile."""
+        if self._session is not None:
+            yield self
+            return
+        with self.connect() as con:
+            self._session = con
+            try:
+                yield self
+            finally:
+                self._session = None
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short connection; waits while another process holds the file lock."""
+        if self._session is not None:
+            yield self._session
+            return
         if read_only and not self.path.exists():
             raise FileNotFoundError(f"no ledger at {self.path}: run `s3t demo` or ingest first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
