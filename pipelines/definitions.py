@@ -6,6 +6,7 @@ import json
 import dagster as dg
 
 from pipelines.assets.data import build_data_assets
+from pipelines.assets.memorization import build_memorization_assets
 from pipelines.assets.serving import build_serving_asset
 from pipelines.assets.stages import build_stage_assets
 from pipelines.checks import exactness_audit, slice_data_holds_no_deleted_id
@@ -29,7 +30,7 @@ def build_definitions(settings: PipelineSettings) -> dg.Definitions:
     refresh_slices = refresh_slices_job(parts.slice_def)
     config_json = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "state_dir"})
     return dg.Definitions(
-        assets=[examples, slice_data, *stages, ensemble],
+        assets=[examples, slice_data, *stages, ensemble, *build_memorization_assets(cfg.slices)],
         asset_checks=[slice_data_holds_no_deleted_id, exactness_audit],
         jobs=[forget, serve, refresh_slices],
         sensors=[

@@ -48,8 +48,9 @@ class MlflowResource(dg.ConfigurableResource):
     model_name: str = "s3t-ensemble"
     experiment: str = "s3t"
 
-    def tracker(self, state_dir: str):
+    def tracker(self, state_dir: str, experiment: str | None = None):
         from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
 
         uri = self.tracking_uri or default_tracking_uri(state_dir)
-        return Tracker(uri, experiment=self.experiment, model_name=self.model_name, artifact_root=default_artifact_root(state_dir))
+        return Tracker(uri, experiment=experiment or self.experiment, model_name=self.model_name,
+                       artifact_root=default_artifact_root(state_dir))

@@ -1,4 +1,4 @@
-"""`s3t`: train S3T models, honour deletions at once, inspect the served plan."""
+"""`s3t`: train S3T models, honour deletions at once, inspect the served plan; approximate unlearning (`s3t unlearn`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_STATE = os.environ.get("S3T_STATE", "s3t_state")
+# read once: mlflow.set_tracking_uri() writes this variable, so later reads in-process see the last store used
+ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -85,24 +87,72 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify texts with the served ensemble")
     _state_arg(p)
     p.add_argument("texts", nargs="+")
+
+    _unlearn_parser(sub)
     return parser
+
+
+def _unlearn_parser(sub) -> None:
+    from s3t_ops.memorization.config import UNLEARN_METHODS, UNLEARN_PROXIES, MemorizationConfig
+
+    d = MemorizationConfig()
+    p = sub.add_parser(
+        "unlearn", help="APPROXIMATE unlearning (RUM and baselines) of a monolithic model on the state's data, scored against a retrained oracle",
+        description="APPROXIMATE unlearning, for models not trained with S3T: a monolithic model (the frozen backbone, LoRA on "
+                    "the top --depth group(s), a head) is trained on the state's live training data (cached under "
+                    "<state>/memorization/), then the forget set is unlearned by --method and scored against an oracle "
+                    "retrained without it (accuracy on forget/retain/test, SVC-MIA, ToW, ToW-MIA). No guarantee holds: "
+                    "the weights may still carry information about the forgotten examples. The S3T state (ledger, "
+                    "checkpoints, served model) is NOT changed; `s3t forget` is the exact path. Writes "
+                    "<state>/memorization/runs/<stamp>-<method>/report.json (+ report.png, the unlearned model) and "
+                    "logs one MLflow run per variant and seed.")
+    _state_arg(p)
+    p.add_argument("--method", default="rum", choices=UNLEARN_METHODS,
+                   help="rum: full RUM (nothing -> fine-tune -> SalUn over low/mid/high memorization bins); rum_f: RUM^F "
+                        "(NegGrad+ in every bin); vanilla: NegGrad+ on the whole forget set; or one method on the whole "
+                        "forget set (default %(default)s)")
+    p.add_argument("--proxy", default="confidence", choices=UNLEARN_PROXIES,
+                   help="what RUM ranks the forget set by: a training-time proxy, holdout retraining, or the free estimate "
+                        "from the S3T checkpoint inventory (default %(default)s; unused by single methods)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--forget", metavar="FILE", help="ids to forget: one per line, or a CSV with an `id` column "
+                                                        "(live training examples of the state)")
+    which.add_argument("--n-forget", type=int, default=30, metavar="N", help="without --forget: this many training ids chosen by a seeded hash (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds --seed, --seed+1, ... (same forget set); the report "
+                                                        "gives mean and 95%% interval (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="first seed (default %(default)s)")
+    p.add_argument("--controls", action="store_true", help="with rum/rum_f: also run the shuffle control (random bins) and vanilla NegGrad+")
+    p.add_argument("--no-oracle", action="store_true", help="skip retraining the oracle: accuracies and MIA only, no ToW")
+    p.add_argument("--depth", type=int, default=d.depth, help="top groups with a trained LoRA (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the original model and the oracle (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="their learning rate (AdamW, default %(default)s)")
+    p.add_argument("--retrain", action="store_true", help="retrain the cached original model")
+    p.add_argument("--tracking-uri", default=ENV_TRACKING_URI, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or <state>/mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _read_id_file(name: str) -> list[str]:
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix.lower() == ".csv":
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(path, dtype=str)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+            raise ValueError(f"{path}: not a readable CSV ({exc})") from None
+        if "id" not in frame.columns:
+            raise ValueError(f"{path}: needs an `id` column")
+        return frame["id"].dropna().str.strip().tolist()
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def _read_ids(args: argparse.Namespace) -> list[str]:
     ids = list(args.ids)
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-        if path.suffix.lower() == ".csv":
-            import pandas as pd
-
-            frame = pd.read_csv(path, dtype=str)
-            if "id" not in frame.columns:
-                raise ValueError(f"{path}: needs an `id` column")
-            ids += frame["id"].dropna().tolist()
-        else:
-            ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        ids += _read_id_file(args.file)
     if not ids:
         raise ValueError("give example ids as arguments or with --file")
     return ids
@@ -210,7 +260,59 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "forget": cmd_forget, "status": cmd_status,
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from s3t_ops.memorization.config import MemorizationConfig
+    from s3t_ops.memorization.service import format_report, unlearn_command
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    forget = None
+    if args.forget:
+        forget = _read_id_file(args.forget)
+        if not forget:
+            raise ValueError(f"{args.forget}: no ids in the file")
+    elif args.n_forget < 1:
+        raise ValueError(f"--n-forget must be >= 1, got {args.n_forget}")
+    mcfg = MemorizationConfig(depth=args.depth, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    import logging
+    import warnings
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-migration chatter between the bar and the report
+    with warnings.catch_warnings():  # mlflow nags about type hints on import
+        warnings.simplefilter("ignore", UserWarning)
+        import s3t_ops.registry  # noqa: F401
+    bar = None
+
+    def progress(total: int, phase: str) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:
+            bar = tqdm(total=total, desc="approximate unlearning", unit="phase", dynamic_ncols=True, file=sys.stderr)
+        else:
+            bar.update(1)
+        bar.set_postfix_str(phase)
+
+    try:
+        result = unlearn_command(args.state, method=args.method, proxy=args.proxy, forget_ids=forget, n_forget=args.n_forget,
+                                 seeds=args.seeds, controls=args.controls, with_oracle=not args.no_oracle, mcfg=mcfg,
+                                 tracking_uri=args.tracking_uri, retrain=args.retrain, progress=progress)
+    except KeyError as exc:  # forget ids that are not live training examples
+        raise ValueError(exc.args[0] if exc.args else str(exc)) from None
+    finally:
+        if bar is not None:
+            bar.update(bar.total - bar.n)
+            bar.close()
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(format_report(result))
+    return 0
+
+
+COMMANDS = {"unlearn": cmd_unlearn, "demo": cmd_demo, "train": cmd_train, "forget": cmd_forget, "status": cmd_status,
             "serve-plan": cmd_serve_plan, "predict": cmd_predict}
 
 

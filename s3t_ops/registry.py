@@ -127,6 +127,21 @@ class Tracker:
         self.client.set_terminated(run.info.run_id)
         return run.info.run_id
 
+    # --- approximate unlearning (s3t_ops.memorization) ----------------------------------------
+    def log_unlearning(self, run_name: str, params: dict, metrics: dict, tags: dict | None = None) -> str:
+        """One run per approximate-unlearning model; always tagged s3t.kind=approximate_unlearning, approximate=true."""
+        import math
+
+        from mlflow.entities import Metric, Param
+
+        run_tags = {**{k: str(v) for k, v in (tags or {}).items()}, "s3t.kind": "approximate_unlearning", "approximate": "true"}
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
+        values = [Metric(k, float(v), 0, 0) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        self.client.log_batch(run.info.run_id, metrics=values, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        self.client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
     # --- registry ---------------------------------------------------------------------------
     def champion(self) -> dict[str, Any] | None:
         from mlflow.exceptions import MlflowException

@@ -20,7 +20,12 @@ def test_default_definitions_load():
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     L = load_settings().cfg.slices
-    assert keys == {"examples", "slice_data", "s3t_ensemble", *(f"stage_{k}" for k in range(1, L + 1))}
+    assert keys == {"examples", "slice_data", "s3t_ensemble", *(f"stage_{k}" for k in range(1, L + 1)),
+                    "memorization_scores", "rum_unlearned", "unlearning_report"}
+    graph = defs.resolve_asset_graph()
+    for key in ("memorization_scores", "rum_unlearned", "unlearning_report"):
+        node = graph.get(dg.AssetKey(key))
+        assert node.group_name == "memorization" and node.automation_condition is None  # never auto-materialized
     assert defs.resolve_job_def("forget") is not None
     assert {s.name for s in defs.sensors} == {"deletion_sensor", "s3t_automation"}
     assert defs.resolve_schedule_def("retrain_stale_stages").default_status == dg.DefaultScheduleStatus.RUNNING

@@ -8,6 +8,7 @@ scores.py   true memorization: subsampled estimator, and the free estimate from 
 methods.py  fine-tune, NegGrad, NegGrad+, L1-sparse, random-label, SalUn; the oracle (retrain on D \\ F)
 rum.py      RUM: bins by memorization rank, sequential low -> mid -> high; vanilla and shuffle controls
 metrics.py  accuracy on forget / retain / test, SVC-MIA, ToW, ToW-MIA
-workflow.py the flow the CLI and Dagster assets call
+workflow.py the flow: original model, score table, variants scored against the oracle
+service.py  the state-folder doors: `s3t unlearn`, the Dagster memorization assets, MLflow runs, JSON + PNG
 This package never imports dagster.
 """

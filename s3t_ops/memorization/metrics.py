@@ -90,3 +90,29 @@ def compare(u: Evaluation, r: Evaluation) -> dict[str, float]:
     """ToW and ToW-MIA of an unlearned model against the oracle, with the gaps that enter them."""
     ud, rd = u.to_dict(), r.to_dict()
     return {"tow": tow(ud, rd), "tow_mia": tow_mia(ud, rd), **{f"gap_{k}": ud[k] - rd[k] for k in ("forget", "retain", "test", "mia")}}
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Mean and two-sided Student-t confidence interval over seeds (NaNs dropped; one value: a zero-width interval)."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if len(x) == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    mean = float(x.mean())
+    if len(x) == 1:
+        return {"mean": mean, "low": mean, "high": mean, "n": 1}
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(len(x))}
+
+
+SUMMARY_METRICS = ("forget", "retain", "test", "mia", "tow", "tow_mia", "seconds")
+
+
+def summarize(runs: Sequence[Mapping[str, Mapping[str, float]]], level: float = 0.95) -> dict[str, dict[str, dict[str, float]]]:
+    """Per variant and metric, `mean_ci` over runs (e.g. seeds); each run maps variant -> metric row."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in dict.fromkeys(k for run in runs for k in run):
+        rows = [run[name] for run in runs if name in run]
+        out[name] = {m: mean_ci([r[m] for r in rows if m in r], level) for m in SUMMARY_METRICS if any(m in r for r in rows)}
+    return out

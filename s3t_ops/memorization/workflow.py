@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,6 +180,68 @@ class UnlearningReport:
                 "unscored": self.unscored, "forget_ids": list(self.forget_ids), "config": self.config, "variants": self.variants}
 
 
+@dataclass
+class VariantResult:
+    """One unlearned model (before evaluation): its state and what it cost."""
+
+    state: State
+    seconds: float
+    grad_example_steps: int
+    extra: dict[str, Any] = field(default_factory=dict)  # method, per-step summary, bin sizes
+
+
+def refinement(clf: MonolithicClassifier, splits: Splits, forget_ids: Sequence[str], score_table: pd.DataFrame,
+               mcfg: MemorizationConfig) -> tuple[pd.Series, int, Callable[[State, list[str]], pd.Series] | None]:
+    """What RUM ranks the forget set by: (memorization per training id, how many forget ids had no score, rescore).
+
+    The column `mcfg.proxy` of `score_table`, oriented so that higher = more memorized; forget examples it
+    leaves NaN are ranked at the median. With holdout_retraining, `rescore` recomputes the proxy on the
+    current model after every RUM step."""
+    if mcfg.proxy not in score_table.columns:
+        raise ValueError(f"the score table has no column {mcfg.proxy!r} (it has {', '.join(map(str, score_table.columns))})")
+    mem = proxies.memorization_score(score_table[mcfg.proxy], mcfg.proxy).reindex(splits.train.ids)
+    unscored = int(mem.reindex(list(forget_ids)).isna().sum())
+    if unscored:  # e.g. the inventory has no model that saw a slice whose stages await retraining
+        mem = mem.fillna(float(mem.median()))
+    rescore = None
+    if mcfg.proxy == "holdout_retraining":
+        def rescore(state: State, remaining: list[str]) -> pd.Series:
+            return proxies.holdout_retraining(clf, state, splits.val, splits.train, lr=mcfg.holdout_lr, max_epochs=mcfg.holdout_max_epochs,
+                                              patience=mcfg.holdout_patience, batch_size=mcfg.batch_size, seed=mcfg.seed, ids=remaining)
+    return mem, unscored, rescore
+
+
+def run_variant(
+    clf: MonolithicClassifier,
+    splits: Splits,
+    original: State,
+    forget_ids: Sequence[str],
+    name: str,
+    mcfg: MemorizationConfig,
+    mem: pd.Series | None = None,
+    vanilla: MethodConfig | None = None,
+    rescore: Callable[[State, list[str]], pd.Series] | None = None,
+) -> VariantResult:
+    """One unlearned model: `original` (unchanged), `vanilla` (one method on all of F; default `mcfg.vanilla`,
+    the tuned NegGrad+), `rum_f` / `rum` (sequential over bins of `mem`) or their `_shuffle` controls."""
+    forget_ids = list(forget_ids)
+    if name == "original":
+        return VariantResult(original, 0.0, 0, {"method": "none"})
+    if name == "vanilla":
+        v = rum.run_vanilla(clf, original, splits.train, forget_ids, vanilla or mcfg.vanilla, seed=mcfg.seed)
+        return VariantResult(v.state, v.seconds, v.grad_example_steps, {"method": v.method})
+    base, shuffled = name.removesuffix("_shuffle"), name.endswith("_shuffle")
+    if base not in ("rum_f", "rum"):
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(v for v in VARIANTS if v != 'oracle')}")
+    if mem is None:
+        raise ValueError(f"variant {name!r} needs memorization scores to split the forget set")
+    schedule = mcfg.rum_f if base == "rum_f" else mcfg.rum
+    res = rum.run_rum(clf, original, splits.train, forget_ids, mem, schedule, seed=mcfg.seed, shuffle=shuffled, rescore=rescore)
+    method = "+".join(schedule[b].method for b in ("low", "mid", "high"))
+    return VariantResult(res.state, res.seconds, res.grad_example_steps,
+                         {"method": method, "steps": res.summary(), "bins": {b: len(v) for b, v in res.bins.items()}})
+
+
 def run_unlearning(
     clf: MonolithicClassifier,
     splits: Splits,
@@ -189,57 +251,82 @@ def run_unlearning(
     mcfg: MemorizationConfig,
     variants: Sequence[str] = VARIANTS,
     vanilla: MethodConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+    given: dict[str, VariantResult] | None = None,
 ) -> UnlearningReport:
     """Every requested variant, evaluated (accuracy F/R/T, MIA) and scored against the oracle (ToW, ToW-MIA).
 
     The forget set is refined by `mcfg.proxy` (a column of `score_table`; forget examples it leaves
     NaN are ranked at the median); with holdout_retraining the proxy is recomputed on the current
-    model after every RUM step. vanilla: the method applied to all
-    of F at once (default: the RUM^F mid-bin NegGrad+ settings).
+    model after every RUM step. vanilla: the method applied to all of F at once (default: `mcfg.vanilla`). Without "oracle" in `variants` no model is retrained and nothing is scored
+    (accuracies and MIA only). progress(phase) is called as each phase starts (see `phases`).
+    given: variants already computed (e.g. by an upstream Dagster asset), evaluated as they are.
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    note = progress or (lambda phase: None)
     forget_ids = list(dict.fromkeys(forget_ids))
     train, test = splits.train, splits.test
-    mem = proxies.memorization_score(score_table[mcfg.proxy], mcfg.proxy).reindex(train.ids)
-    unscored = int(mem.reindex(forget_ids).isna().sum())
-    if unscored:  # e.g. the inventory has no model that saw a slice whose stages await retraining
-        mem = mem.fillna(float(mem.median()))
-    rescore = None
-    if mcfg.proxy == "holdout_retraining":
-        def rescore(state: State, remaining: list[str]) -> pd.Series:
-            return proxies.holdout_retraining(clf, state, splits.val, train, lr=mcfg.holdout_lr, max_epochs=mcfg.holdout_max_epochs,
-                                              patience=mcfg.holdout_patience, batch_size=mcfg.batch_size, seed=mcfg.seed, ids=remaining)
-
-    t0 = time.perf_counter()
-    ref = oracle(clf, train, forget_ids, mcfg.epochs, mcfg.lr, mcfg.batch_size, mcfg.seed)
-    oracle_eval = metrics.evaluate(clf, ref.state, train, forget_ids, test, seed=mcfg.seed)
-    rows: dict[str, dict[str, Any]] = {"oracle": {**oracle_eval.to_dict(), "seconds": time.perf_counter() - t0,
-                                                  "grad_example_steps": ref.grad_example_steps}}
-    states: dict[str, State] = {"oracle": ref.state}
-
-    def record(name: str, state: State, seconds: float, grad_steps: int, extra: dict | None = None) -> None:
-        ev = metrics.evaluate(clf, state, train, forget_ids, test, seed=mcfg.seed)
-        rows[name] = {**ev.to_dict(), **metrics.compare(ev, oracle_eval), "seconds": seconds, "grad_example_steps": grad_steps, **(extra or {})}
-        states[name] = state
-
-    if "original" in variants:
-        record("original", original, 0.0, 0)
-    if "vanilla" in variants:
-        v = rum.run_vanilla(clf, original, train, forget_ids, vanilla or mcfg.rum_f["mid"], seed=mcfg.seed)
-        record("vanilla", v.state, v.seconds, v.grad_example_steps, {"method": v.method})
-    for name, schedule in (("rum_f", mcfg.rum_f), ("rum", mcfg.rum)):
-        for shuffled in (False, True):
-            key = name + ("_shuffle" if shuffled else "")
-            if key not in variants:
-                continue
-            res = rum.run_rum(clf, original, train, forget_ids, mem, schedule, seed=mcfg.seed, shuffle=shuffled, rescore=rescore)
-            record(key, res.state, res.seconds, res.grad_example_steps, {"steps": res.summary(), "bins": {b: len(v) for b, v in res.bins.items()}})
-    if "oracle" not in variants:
-        rows.pop("oracle")
-        states.pop("oracle")
+    needs_mem = any(v.startswith("rum") and v not in (given or {}) for v in variants)
+    mem, unscored, rescore = refinement(clf, splits, forget_ids, score_table, mcfg) if needs_mem else (None, 0, None)
+    rows: dict[str, dict[str, Any]] = {}
+    states: dict[str, State] = {}
+    oracle_eval = None
+    if "oracle" in variants:
+        note("oracle")
+        t0 = time.perf_counter()
+        ref = oracle(clf, train, forget_ids, mcfg.epochs, mcfg.lr, mcfg.batch_size, mcfg.seed)
+        oracle_eval = metrics.evaluate(clf, ref.state, train, forget_ids, test, seed=mcfg.seed)
+        rows["oracle"] = {**oracle_eval.to_dict(), "seconds": time.perf_counter() - t0, "grad_example_steps": ref.grad_example_steps,
+                          "method": "retrain"}
+        states["oracle"] = ref.state
+    for name in [v for v in VARIANTS if v in variants and v != "oracle"]:
+        note(name)
+        res = (given or {}).get(name) or run_variant(clf, splits, original, forget_ids, name, mcfg, mem, vanilla, rescore)
+        ev = metrics.evaluate(clf, res.state, train, forget_ids, test, seed=mcfg.seed)
+        scored = metrics.compare(ev, oracle_eval) if oracle_eval is not None else {}
+        rows[name] = {**ev.to_dict(), **scored, "seconds": res.seconds, "grad_example_steps": res.grad_example_steps, **res.extra}
+        states[name] = res.state
     return UnlearningReport(mcfg.proxy, forget_ids, len(train), mcfg.to_dict(), rows, states, unscored)
+
+
+def phases(variants: Sequence[str]) -> list[str]:
+    """The phases `run_unlearning` reports to its progress callback, in order."""
+    return (["oracle"] if "oracle" in variants else []) + [v for v in VARIANTS if v in variants and v != "oracle"]
+
+
+def original_folder(state_dir: str | Path, splits: Splits, mcfg: MemorizationConfig) -> Path:
+    """Where the original model of this config and live training set is cached in a state folder."""
+    key = hashlib.sha256(json.dumps({k: v for k, v in mcfg.to_dict().items() if k in ("depth", "epochs", "lr", "batch_size", "seed")},
+                                    sort_keys=True).encode() + "|".join(splits.train.ids).encode()).hexdigest()[:12]
+    return Path(state_dir) / "memorization" / f"original-{key}"
+
+
+def load_or_train_original(clf: MonolithicClassifier, splits: Splits, mcfg: MemorizationConfig, state_dir: str | Path,
+                           retrain: bool = False) -> tuple[OriginalModel, Path, bool]:
+    """(the original model, its folder, whether it was loaded from the cache)."""
+    folder = original_folder(state_dir, splits, mcfg)
+    if (folder / "training.json").is_file() and not retrain:
+        return OriginalModel.load(folder), folder, True
+    original = train_original(clf, splits, mcfg)
+    original.save(folder)
+    return original, folder, False
+
+
+def check_forget_ids(splits: Splits, forget_ids: Sequence[str]) -> list[str]:
+    """The forget ids, deduplicated in order; KeyError naming those that are not live training examples."""
+    forget = list(dict.fromkeys(str(i) for i in forget_ids))
+    if not forget:
+        raise ValueError("the forget set is empty")
+    live = set(splits.train.ids)
+    unknown = [i for i in forget if i not in live]
+    if unknown:
+        raise KeyError(f"{len(unknown)} id(s) are not live training examples (unknown, in val/test, or already forgotten "
+                       f"exactly by S3T), e.g. {unknown[:3]}")
+    if len(forget) >= len(live):
+        raise ValueError(f"the forget set ({len(forget)}) must leave some of the {len(live)} training examples to retain")
+    return forget
 
 
 def unlearn_state(
@@ -251,36 +338,39 @@ def unlearn_state(
     retrain: bool = False,
     holdout: bool = True,
     inventory: bool = True,
+    vanilla: MethodConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+    engine: "S3T | None" = None,
+    splits: Splits | None = None,
+    inventory_table: pd.DataFrame | None = None,
 ) -> UnlearningReport:
     """One call for `s3t unlearn`: approximate unlearning of a monolithic model on an S3T state's live data.
 
     The original model and its proxies are cached under `<state>/memorization/original-<hash of mcfg>/`
     (retrain=True rebuilds them). forget_ids default: `n_forget` training ids chosen by a seeded hash.
     The forget ids must be live training examples (ids already deleted from S3T are gone from the data).
+    engine / splits / inventory_table: reuse what a caller already has (e.g. over several seeds).
+    progress(phase): "original", "scores", then `phases(variants)`.
     """
     from s3t_ops.engine import S3T
 
     mcfg = mcfg or MemorizationConfig()
-    engine = S3T.open(state_dir, progress=False)
-    splits = splits_from_engine(engine)
-    forget = list(forget_ids) if forget_ids is not None else select_forget_set(splits.train.ids, n_forget, mcfg.seed)
-    unknown = sorted(set(forget) - set(splits.train.ids))
-    if unknown:
-        raise KeyError(f"{len(unknown)} id(s) are not live training examples, e.g. {unknown[:3]}")
+    note = progress or (lambda phase: None)
     if mcfg.proxy == "memorization":
         raise ValueError("proxy 'memorization' needs the subsampled true score; use run_unlearning with memorization_scores(subsampled=True)")
+    engine = engine or S3T.open(state_dir, progress=False)
+    splits = splits or splits_from_engine(engine)
+    forget = check_forget_ids(splits, forget_ids) if forget_ids is not None else select_forget_set(splits.train.ids, n_forget, mcfg.seed)
     clf = classifier_for(engine.backbone, len(splits.label_names), mcfg)
-    key = hashlib.sha256(json.dumps({k: v for k, v in mcfg.to_dict().items() if k in ("depth", "epochs", "lr", "batch_size", "seed")},
-                                    sort_keys=True).encode() + "|".join(splits.train.ids).encode()).hexdigest()[:12]
-    folder = Path(state_dir) / "memorization" / f"original-{key}"
-    if (folder / "training.json").is_file() and not retrain:
-        original = OriginalModel.load(folder)
-    else:
-        original = train_original(clf, splits, mcfg)
-        original.save(folder)
+    note("original")
+    original, _, _ = load_or_train_original(clf, splits, mcfg, state_dir, retrain)
+    note("scores")
+    want_inventory = inventory or mcfg.proxy == "inventory"
     table = memorization_scores(clf, splits, original, mcfg, holdout=holdout or mcfg.proxy == "holdout_retraining",
-                                engine=engine if inventory or mcfg.proxy == "inventory" else None)
-    return run_unlearning(clf, splits, original.state, forget, table, mcfg, variants)
+                                engine=engine if want_inventory and inventory_table is None else None)
+    if want_inventory and inventory_table is not None:
+        table["inventory"] = inventory_table["memorization"].reindex(table.index)
+    return run_unlearning(clf, splits, original.state, forget, table, mcfg, variants, vanilla=vanilla, progress=progress)
 
 
 # --- persistence (assets hand states to each other as files) --------------------------------

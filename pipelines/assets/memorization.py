@@ -1,0 +1,107 @@
+"""Memorization group: scores (proxies + the S3T inventory estimate), an APPROXIMATELY unlearned monolithic
+model (RUM and baselines), and its report against a retrained oracle. Never auto-materialized: each
+asset trains models, so it runs only when asked (Launchpad config below)."""
+
+import time
+
+import dagster as dg
+
+from pipelines.resources import MlflowResource, S3TResource
+from s3t_ops.memorization.config import UNLEARN_METHODS, UNLEARN_PROXIES, MemorizationConfig
+
+_D = MemorizationConfig()
+
+
+class MemorizationScoresConfig(dg.Config):
+    depth: int = _D.depth  # top groups of the backbone with a trained LoRA
+    epochs: int = _D.epochs  # of the original model (and, downstream, of the oracle)
+    lr: float = _D.lr
+    seed: int = _D.seed
+    holdout: bool = True  # holdout-retraining proxy (fine-tunes a copy on the validation split)
+    inventory: bool = True  # the free estimate from the S3T stage checkpoints
+    subsampled: bool = False  # the costly true score: subsample_models trainings on 70% subsets
+    subsample_models: int = 8
+
+
+class RumUnlearnedConfig(dg.Config):
+    method: str = "rum"  # rum | rum_f | vanilla | finetune | neggrad | neggrad_plus | l1_sparse | random_label | salun
+    proxy: str = "confidence"  # a column of memorization_scores that RUM ranks the forget set by
+    n_forget: int = 30  # without forget_ids: this many training ids chosen by a seeded hash
+    forget_ids: list[str] = []
+
+
+class UnlearningReportConfig(dg.Config):
+    controls: bool = True  # also the shuffle control (random bins) and vanilla NegGrad+, for RUM methods
+
+
+def _md_table(rows: dict, cols: tuple[str, ...]) -> str:
+    lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else "-" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def build_memorization_assets(L: int) -> list[dg.AssetsDefinition]:
+    @dg.asset(group_name="memorization", deps=["slice_data", *(f"stage_{k}" for k in range(1, L + 1))],
+              description="Per live training example: memorization proxies logged while training a monolithic model "
+                          "(confidence, max confidence, negative entropy, binary accuracy), holdout retraining, the free "
+                          "estimate from the S3T checkpoint inventory, optionally the subsampled true score.")
+    def memorization_scores(context: dg.AssetExecutionContext, config: MemorizationScoresConfig, s3t: S3TResource) -> dg.MaterializeResult:
+        from s3t_ops.memorization.service import materialize_scores
+
+        t0 = time.perf_counter()
+        mcfg = MemorizationConfig(depth=config.depth, epochs=config.epochs, lr=config.lr, seed=config.seed,
+                                  subsample_models=config.subsample_models)
+        out = materialize_scores(s3t.engine(), mcfg, holdout=config.holdout, inventory=config.inventory,
+                                 subsampled=config.subsampled, log=context.log.info)
+        spearman = {f"spearman_vs_{truth}": dg.MetadataValue.json({k: round(v, 4) for k, v in agree.items()})
+                    for truth, agree in out["spearman"].items()}
+        return dg.MaterializeResult(metadata={
+            "n_train": out["n_train"], "columns": dg.MetadataValue.json(out["columns"]),
+            "seconds": dg.MetadataValue.json({k: round(v, 2) for k, v in out["seconds"].items()}),
+            "unscored": dg.MetadataValue.json(out["unscored"]), **spearman,
+            "path": dg.MetadataValue.path(out["path"]), "engine_seconds": time.perf_counter() - t0})
+
+    @dg.asset(group_name="memorization", deps=[memorization_scores],
+              description="APPROXIMATE unlearning of the monolithic model (RUM, RUM^F, vanilla NegGrad+ or one method). "
+                          "Not exact: its weights may still carry information about the forgotten examples; the S3T state "
+                          "is unchanged (the forget job is the exact path).")
+    def rum_unlearned(context: dg.AssetExecutionContext, config: RumUnlearnedConfig, s3t: S3TResource) -> dg.MaterializeResult:
+        from s3t_ops.memorization.service import materialize_unlearned
+
+        if config.method not in UNLEARN_METHODS:
+            raise dg.Failure(f"method must be one of {', '.join(UNLEARN_METHODS)}, got {config.method!r}")
+        if config.proxy not in UNLEARN_PROXIES:
+            raise dg.Failure(f"proxy must be one of {', '.join(UNLEARN_PROXIES)}, got {config.proxy!r}")
+        t0 = time.perf_counter()
+        out = materialize_unlearned(s3t.engine(), config.method, config.proxy, config.forget_ids or None, config.n_forget)
+        return dg.MaterializeResult(metadata={
+            "approximate": True, "method": out["method"], "proxy": out["proxy"], "n_forget": out["n_forget"],
+            "bins": dg.MetadataValue.json(out.get("bins", {})), "steps": dg.MetadataValue.json(out.get("steps", [])),
+            **{f"accuracy_{k}": float(out[k]) for k in ("forget", "retain", "test")}, "mia": float(out["mia"]),
+            "grad_example_steps": int(out["grad_example_steps"]), "unlearning_seconds": float(out["seconds"]),
+            "path": dg.MetadataValue.path(out["path"]), "engine_seconds": time.perf_counter() - t0})
+
+    @dg.asset(group_name="memorization", deps=[rum_unlearned],
+              description="The unlearned model scored against an oracle retrained without the forget set (accuracy on "
+                          "forget/retain/test, SVC-MIA, ToW, ToW-MIA), with controls; JSON + PNG; one MLflow run per variant "
+                          "(tag s3t.kind=approximate_unlearning).")
+    def unlearning_report(context: dg.AssetExecutionContext, config: UnlearningReportConfig, s3t: S3TResource,
+                          mlflow: MlflowResource) -> dg.MaterializeResult:
+        from s3t_ops.memorization.service import EXPERIMENT, materialize_report
+
+        t0 = time.perf_counter()
+        tracker = mlflow.tracker(s3t.state_dir, experiment=EXPERIMENT)
+        out = materialize_report(s3t.engine(), controls=config.controls, tracker=tracker, tags={"dagster_run_id": context.run_id})
+        rows = out["variants"]
+        primary = rows[out["primary"]]
+        return dg.MaterializeResult(metadata={
+            "approximate": True, "method": out["method"], "proxy": out["proxy"], "n_forget": out["n_forget"],
+            "tow": float(primary["tow"]), "tow_mia": float(primary["tow_mia"]),
+            "original_tow": float(rows["original"]["tow"]), "original_tow_mia": float(rows["original"]["tow_mia"]),
+            "table": dg.MetadataValue.md(_md_table(rows, ("forget", "retain", "test", "mia", "tow", "tow_mia"))),
+            "mlflow_runs": dg.MetadataValue.json(out["mlflow"]["run_ids"] if out["mlflow"] else {}),
+            "report": dg.MetadataValue.path(out["json"]), "plot": dg.MetadataValue.path(out["png"]),
+            "engine_seconds": time.perf_counter() - t0})
+
+    return [memorization_scores, rum_unlearned, unlearning_report]
