@@ -69,12 +69,44 @@ def train_stage(
     on_batch: Callable[[int], None] | None = None,
 ) -> StageResult:
     """Train group k with groups 1..k-1 frozen (from `parents`) and groups below k untrained."""
-    if len(parents) != k - 1:
-        raise ValueError(f"stage {k} needs {k - 1} parent checkpoints, got {len(parents)}")
     if len(train_ids) == 0:
         raise ValueError(f"stage {k} has no training examples")
-    cfg = backbone.cfg
     t0 = time.perf_counter()
+    start = backbone.layout.start_block(k)
+    rows = trunk.rows(train_ids)
+
+    def features(idx: torch.Tensor) -> torch.Tensor:  # the frozen part comes from the trunk cache
+        h, mask = trunk.batch(rows[idx], start)
+        return backbone.run_from(h, mask, start)
+
+    result, head = fit_group(backbone, train_ids, labels, k, parents, seed, num_labels, features, on_batch)
+    if val is not None and len(val[0]) > 0:
+        vtrunk, vlabels = val
+        logits = depth_logits(backbone, head, vtrunk, torch.arange(len(vtrunk)), k, max(backbone.cfg.batch_size, 128))
+        result.val_acc = float((logits.argmax(-1) == vlabels).float().mean())
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def fit_group(
+    backbone: Backbone,
+    train_ids: Sequence[str],
+    labels: torch.Tensor,
+    k: int,
+    parents: Sequence[dict[str, torch.Tensor]],
+    seed: int,
+    num_labels: int,
+    features: Callable[[torch.Tensor], torch.Tensor],
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[StageResult, nn.Linear]:
+    """The stage's training loop; `features(rows)` gives the pooled encoder output of those rows.
+
+    Shared by the trunk path above and the naive baseline (full forward every step), so the two differ
+    only in how features are computed: same seed, initialisation, data order and dropout placement.
+    """
+    if len(parents) != k - 1:
+        raise ValueError(f"stage {k} needs {k - 1} parent checkpoints, got {len(parents)}")
+    cfg = backbone.cfg
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         parent_head = load_prefix(backbone, parents)
@@ -87,8 +119,6 @@ def train_stage(
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params + list(head.parameters()), lr=cfg.lr, weight_decay=0.0)
-        start = backbone.layout.start_block(k)
-        rows = trunk.rows(train_ids)
         loss_fn = nn.CrossEntropyLoss()
         result = StageResult(state={}, grad_example_steps=0, steps=0)
         try:
@@ -99,8 +129,7 @@ def train_stage(
                 total_loss, correct = 0.0, 0
                 for i in range(0, len(order), cfg.batch_size):
                     idx = order[i:i + cfg.batch_size]
-                    h, mask = trunk.batch(rows[idx], start)
-                    logits = head(backbone.run_from(h, mask, start))
+                    logits = head(features(idx))
                     y = labels[idx]
                     loss = loss_fn(logits, y)
                     optimizer.zero_grad(set_to_none=True)
@@ -119,11 +148,5 @@ def train_stage(
             head.eval()
             for p in params:
                 p.requires_grad_(False)
-        if val is not None and len(val[0]) > 0:
-            vtrunk, vlabels = val
-            logits = depth_logits(backbone, head, vtrunk, torch.arange(len(vtrunk)), k, max(cfg.batch_size, 128))
-            result.val_acc = float((logits.argmax(-1) == vlabels).float().mean())
-        lora = backbone.group_state(k)
-        result.state = join_state(lora, {n: t.detach().clone() for n, t in head.state_dict().items()})
-    result.seconds = time.perf_counter() - t0
-    return result
+        result.state = join_state(backbone.group_state(k), {n: t.detach().clone() for n, t in head.state_dict().items()})
+    return result, head
