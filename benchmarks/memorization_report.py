@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,21 +33,6 @@ if str(ROOT) not in sys.path:
 NAME = "memorization_report"
 PROXY_ORDER = ("confidence", "max_confidence", "neg_entropy", "binary_accuracy", "holdout_retraining", "inventory")
 VARIANT_ORDER = ("original", "vanilla", "rum_f_shuffle", "rum_f", "rum_shuffle", "rum", "rum_f@truth", "rum@truth")
-
-
-def _machine() -> dict:
-    import os
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average_at_start": list(os.getloadavg())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     from s3t_ops.memorization.model import train_classifier
 
     t0 = time.perf_counter()
-    machine = _machine()
+    from benchmarks.common import machine as machine_info
+
+    machine = machine_info()
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)  # noqa: E731
 
     # 1. the S3T state: live data + checkpoint inventory --------------------------------------------------

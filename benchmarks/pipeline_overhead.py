@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -21,6 +20,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/pipeline_overhead.py` from anywhere
+    sys.path.insert(0, str(ROOT))
 
 
 def _seconds(result, key: str) -> float:
@@ -36,8 +38,8 @@ def run(out: Path, quick: bool = False, deletions: int = 3, backbone: str | None
     import dagster as dg
     from tqdm.auto import tqdm
 
+    from benchmarks.common import machine
     from pipelines.definitions import build_definitions
-    from pipelines.partitions import S3TPartitions
     from pipelines.settings import PipelineSettings
     from s3t_ops.config import S3TConfig
     from s3t_ops.engine import S3T
@@ -108,7 +110,7 @@ def run(out: Path, quick: bool = False, deletions: int = 3, backbone: str | None
     total = {k: sum(p[k] for p in phases.values()) for k in ("wall_s", "engine_s", "mlflow_s", "dagster_s")}
     summary = {
         "config": {k: v for k, v in cfg.to_dict().items() if k != "state_dir"}, "quick": quick,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine(),
         "phases": phases, "total": total,
         "dagster_share": total["dagster_s"] / total["wall_s"], "mlflow_share": total["mlflow_s"] / total["wall_s"],
         "deletions": honour, "stale_stage_partitions_after": len(set(dirty)),
