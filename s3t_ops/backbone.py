@@ -45,14 +45,16 @@ def adapter_name(group: int) -> str:
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """Which blocks form group k (1 = top). Blocks left over by n % L stay at the bottom, never adapted."""
+    """Which blocks form group k (1 = top). The `frozen` lowest blocks, and those left over by
+    (n - frozen) % L, stay at the bottom, never adapted: their output is one cached trunk for every stage."""
 
     n_blocks: int
     groups: int
+    frozen: int = 0
 
     @property
     def size(self) -> int:
-        return self.n_blocks // self.groups
+        return (self.n_blocks - self.frozen) // self.groups
 
     def blocks(self, k: int) -> list[int]:
         if not 1 <= k <= self.groups:
@@ -114,7 +116,7 @@ class Backbone:
             p.requires_grad_(False)
         n_blocks = len(base.encoder.layer)
         cfg.check_backbone(n_blocks)
-        self.layout = GroupLayout(n_blocks, cfg.slices)
+        self.layout = GroupLayout(n_blocks, cfg.slices, cfg.frozen_blocks)
         self.hidden_size = base.config.hidden_size
         self.fingerprint = fingerprint_dir(self.model_dir)
         model = None

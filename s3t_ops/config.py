@@ -32,6 +32,8 @@ class S3TConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = ("query", "value")
+    frozen_blocks: int = 0  # lowest blocks never adapted: one cached trunk below every group
+    warm_start_head: bool = True  # stage k's head starts from stage k-1's (its data is a prefix of stage k's)
     epochs: int = 2
     batch_size: int = 32
     lr: float = 1e-3
@@ -77,6 +79,10 @@ class S3TConfig:
                 raise ConfigError("deletion_prior", f"needs one probability per slice ({self.slices}), got {len(self.deletion_prior)}")
             if any(not (0.0 <= p <= 1.0) for p in self.deletion_prior):
                 raise ConfigError("deletion_prior", "probabilities must lie in [0, 1]")
+        if not isinstance(self.frozen_blocks, int) or isinstance(self.frozen_blocks, bool) or self.frozen_blocks < 0:
+            raise ConfigError("frozen_blocks", f"must be a non-negative integer, got {self.frozen_blocks!r}")
+        if not isinstance(self.warm_start_head, bool):
+            raise ConfigError("warm_start_head", f"must be true or false, got {self.warm_start_head!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if not self.lr > 0:
@@ -88,6 +94,9 @@ class S3TConfig:
         """Fail early, naming the field, when the backbone cannot hold one group per slice."""
         if self.slices > n_blocks:
             raise ConfigError("slices", f"L={self.slices} groups need at least {self.slices} transformer blocks; the backbone has {n_blocks}")
+        if self.slices > n_blocks - self.frozen_blocks:
+            raise ConfigError("frozen_blocks", f"{self.frozen_blocks} frozen blocks leave {n_blocks - self.frozen_blocks} of the "
+                                               f"backbone's {n_blocks} for L={self.slices} groups; freeze fewer")
 
     def check_examples(self, n_train: int) -> None:
         """Every slice must be able to hold at least one example."""
@@ -98,7 +107,13 @@ class S3TConfig:
     def training_fingerprint(self) -> str:
         """Hash of the fields that change a trained stage; part of every checkpoint key."""
         keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "epochs", "batch_size", "lr", "max_tokens", "seed", "slices")
-        payload = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=list)
+        values = {k: getattr(self, k) for k in keys}
+        # fields added later enter only when they differ from the old behaviour, so existing keys stay valid
+        if self.frozen_blocks:
+            values["frozen_blocks"] = self.frozen_blocks
+        if not self.warm_start_head:
+            values["warm_start_head"] = False
+        payload = json.dumps(values, sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:

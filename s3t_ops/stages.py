@@ -113,7 +113,7 @@ def fit_group(
         backbone.reset_group(k, seed)
         backbone.activate(k)
         head = new_head(backbone.hidden_size, num_labels, seed)
-        if parent_head is not None:
+        if parent_head is not None and cfg.warm_start_head:
             head.load_state_dict(parent_head)
         params = backbone.group_parameters(k)
         for p in params:
