@@ -40,13 +40,15 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 def model_args(p: argparse.ArgumentParser, **defaults: Any) -> None:
     """Data/model flags shared by the benchmarks that train (defaults chosen per benchmark)."""
+    from s3t_ops.sequences import SELECTIONS
+
     g = p.add_argument_group("data and model")
     g.add_argument("--source", default=None, help="CSV/Parquet with text,label columns (default: the packaged tweets)")
     g.add_argument("--backbone", default=None, help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
     g.add_argument("--shards", type=int, default=defaults.get("shards", 5), help="m")
     g.add_argument("--slices", type=int, default=defaults.get("slices", 3), help="L (= LoRA groups)")
     g.add_argument("--budget", type=int, default=defaults.get("budget", 3), help="B, S3T sequences per shard")
-    g.add_argument("--selection", default="cyclic", choices=["cyclic", "tree", "bms"], help="S3T sequence selection")
+    g.add_argument("--selection", default="cyclic", choices=SELECTIONS, help="S3T sequence selection")
     g.add_argument("--n-train", type=int, default=defaults.get("n_train", 1500), help="training examples")
     g.add_argument("--n-val", type=int, default=defaults.get("n_val", 200), help="validation examples")
     g.add_argument("--n-test", type=int, default=defaults.get("n_test", 500), help="test examples")

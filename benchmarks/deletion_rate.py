@@ -34,7 +34,7 @@ def budgets(selection: str, L: int) -> list[int]:
 
 def simulate(perms, m: int, L: int, trials: int, seed: int, mode: str = "prefix", batches: int = 20) -> tuple[float, float]:
     """Mean and standard error over `batches` independent simulation batches."""
-    from s3t_ops.planner import simulate_deletion_rate
+    from s3t_ops.deletion_rate import simulate_deletion_rate
 
     per = max(1, trials // batches)
     means = [simulate_deletion_rate(perms, m, L, trials=per, seed=seed + 1000 * b, mode=mode) for b in range(batches)]
@@ -42,7 +42,7 @@ def simulate(perms, m: int, L: int, trials: int, seed: int, mode: str = "prefix"
 
 
 def run(ms: list[int], Ls: list[int], selections: list[str], trials: int, seed: int, quiet: bool) -> dict:
-    from s3t_ops.planner import deletion_rate_closed_form, expected_best_prefix_single_deletion, sisa_kill_rate_closed_form
+    from s3t_ops.deletion_rate import deletion_rate_closed_form, expected_best_prefix_single_deletion, sisa_kill_rate_closed_form
     from s3t_ops.sequences import select_sequences
 
     jobs = [(m, L, sel, B) for m in ms for L in Ls for sel in selections for B in budgets(sel, L)]

@@ -15,13 +15,14 @@ ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     from s3t_ops.config import S3TConfig
+    from s3t_ops.sequences import SELECTIONS
 
     d = S3TConfig()
     g = p.add_argument_group("model config (used when a state folder is created)")
     g.add_argument("--shards", type=int, default=d.shards, help=f"m, number of shards (default {d.shards})")
     g.add_argument("--slices", type=int, default=d.slices, help=f"L, slices per shard = LoRA groups (default {d.slices})")
     g.add_argument("--budget", type=int, default=d.budget, help=f"B, sequences per shard (default {d.budget})")
-    g.add_argument("--selection", default=d.selection, choices=["cyclic", "tree", "bms"], help="sequence selection (default %(default)s)")
+    g.add_argument("--selection", default=d.selection, choices=SELECTIONS, help="sequence selection (default %(default)s)")
     g.add_argument("--deletion-prior", type=float, nargs="+", default=None, help="per-slice deletion probabilities for --selection bms")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs per stage (default {d.epochs})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")

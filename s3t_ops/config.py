@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SELECTIONS = ("cyclic", "tree", "bms")
+from s3t_ops.sequences import SELECTIONS
 
 
 class ConfigError(ValueError):

@@ -9,10 +9,9 @@ good sets put every slice late in at least one sequence.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "cyclic",
@@ -21,10 +20,8 @@ __all__ = [
     "bms",
     "select_sequences",
     "positions",
-    "METHODS",
+    "SELECTIONS",
 ]
-
-METHODS: tuple[str, ...] = ("cyclic", "tree", "bms")
 
 # Stand-in for -inf in the assignment problem: scipy rejects infinite costs,
 # and real scores are bounded by L(L+1)/2, so this always loses.
@@ -123,6 +120,8 @@ def bms(prior: Sequence[float], B: int, t: float = 100.0) -> list[tuple[int, ...
     Latin square (each slice used once per position) while favouring
     low-risk slices early; the best B by full-sequence score are returned.
     """
+    from scipy.optimize import linear_sum_assignment  # imported here: config.py reads SELECTIONS from this module
+
     arr = _validate_prior(prior)
     L = arr.size
     if not 1 <= B <= L:
@@ -148,26 +147,45 @@ def bms(prior: Sequence[float], B: int, t: float = 100.0) -> list[tuple[int, ...
     return ranked[:B]
 
 
+def _select_cyclic(L: int, B: int, prior: Sequence[float] | None) -> list[tuple[int, ...]]:
+    if B > L:
+        raise ValueError(
+            f"cyclic supports at most B=L={L} sequences, got B={B}; "
+            "use method 'tree' for B > L"
+        )
+    return cyclic(L, B)
+
+
+def _select_tree(L: int, B: int, prior: Sequence[float] | None) -> list[tuple[int, ...]]:
+    return permutation_tree(L, B)
+
+
+def _select_bms(L: int, B: int, prior: Sequence[float] | None) -> list[tuple[int, ...]]:
+    if prior is None:
+        prior = [1.0 / L] * L
+    if len(prior) != L:
+        raise ValueError(f"bms prior must have length L={L}, got {len(prior)}")
+    return bms(prior, B)
+
+
+_SELECTORS: dict[str, Callable[[int, int, Sequence[float] | None], list[tuple[int, ...]]]] = {
+    "cyclic": _select_cyclic,
+    "tree": _select_tree,
+    "bms": _select_bms,
+}
+
+# The selection strategies, in one place: config validation and every CLI read this.
+SELECTIONS: tuple[str, ...] = tuple(_SELECTORS)
+
+
 def select_sequences(
     method: str, L: int, B: int, prior: Sequence[float] | None = None
 ) -> list[tuple[int, ...]]:
-    """Single entry point so configs can name the selection strategy."""
-    if method == "cyclic":
-        if B > L:
-            raise ValueError(
-                f"cyclic supports at most B=L={L} sequences, got B={B}; "
-                "use method 'tree' for B > L"
-            )
-        return cyclic(L, B)
-    if method == "tree":
-        return permutation_tree(L, B)
-    if method == "bms":
-        if prior is None:
-            prior = [1.0 / L] * L
-        if len(prior) != L:
-            raise ValueError(f"bms prior must have length L={L}, got {len(prior)}")
-        return bms(prior, B)
-    raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    """Single entry point so configs can name the selection strategy (one of SELECTIONS)."""
+    select = _SELECTORS.get(method)
+    if select is None:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(SELECTIONS)}")
+    return select(L, B, prior)
 
 
 def positions(perms: Sequence[Sequence[int]]) -> list[dict[int, int]]:

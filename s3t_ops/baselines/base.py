@@ -56,9 +56,15 @@ class FitReport:
 
 
 class UnlearningSystem(abc.ABC):
-    """The small interface the benchmarks drive: fit once, forget ids, evaluate a split."""
+    """The small interface the benchmarks drive: fit once, forget ids, evaluate a split.
+
+    A system serves an ensemble of members (a single model is one member); `evaluate` aggregates their
+    logits with `aggregation` and scores the result against `eval_labels`. Systems built on
+    `SharedData` keep it in `self.data`, which the default `eval_labels` reads.
+    """
 
     name: str = "system"
+    aggregation: str = "mean"  # one of AGGREGATIONS
 
     @abc.abstractmethod
     def fit(self) -> FitReport:
@@ -69,8 +75,19 @@ class UnlearningSystem(abc.ABC):
         """Honour deletion of these training ids; returns what honouring cost."""
 
     @abc.abstractmethod
+    def shard_logits(self, split: str) -> dict[int, torch.Tensor]:
+        """Logits [N, C] of every served ensemble member on a split; empty when nothing can be served."""
+
+    def eval_labels(self, split: str) -> torch.Tensor:
+        """Gold labels of a split, row-aligned with `shard_logits`."""
+        return self.data.eval_labels(split)
+
     def evaluate(self, split: str = "test") -> float:
         """Accuracy of the served model on a split; NaN when nothing can be served (every model invalid)."""
+        logits = self.shard_logits(split)
+        if not logits:
+            return float("nan")
+        return accuracy(aggregate(list(logits.values()), self.aggregation), self.eval_labels(split))
 
     def depths(self) -> dict[int, int]:
         """Served depth per ensemble member (stages or slice checkpoints); 0 = dead. Empty if not applicable."""

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
-from s3t_ops.baselines.base import AGGREGATIONS, FitReport, ForgetCost, LogitCache, SharedData, UnlearningSystem, accuracy, aggregate, derive_seed
+from s3t_ops.baselines.base import AGGREGATIONS, FitReport, ForgetCost, LogitCache, SharedData, UnlearningSystem, derive_seed
 from s3t_ops.baselines.full_lora import full_logits, train_full_lora
 
 
@@ -81,9 +81,3 @@ class PerShardLoRA(UnlearningSystem):
                 out[s] = self._cache.get(split, s, self._version[s],
                                          lambda state=state: full_logits(self.data.backbone, state, self.data.num_labels, trunk))
         return out
-
-    def evaluate(self, split: str = "test") -> float:
-        logits = self.shard_logits(split)
-        if not logits:
-            return float("nan")
-        return accuracy(aggregate(list(logits.values()), self.aggregation), self.data.eval_labels(split))

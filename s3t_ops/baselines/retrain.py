@@ -8,7 +8,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from s3t_ops.baselines.base import FitReport, ForgetCost, LogitCache, SharedData, UnlearningSystem, accuracy, derive_seed
+import torch
+
+from s3t_ops.baselines.base import FitReport, ForgetCost, LogitCache, SharedData, UnlearningSystem, derive_seed
 from s3t_ops.baselines.full_lora import full_logits, train_full_lora
 
 
@@ -42,11 +44,10 @@ class FullRetrain(UnlearningSystem):
         steps = self._train() if new else 0
         return ForgetCost(time.perf_counter() - t0, steps, retrained=1 if new else 0)
 
-    def logits(self, split: str):
-        trunk = self.data.evals[split]
-        return self._cache.get(split, 0, self._version, lambda: full_logits(self.data.backbone, self.state, self.data.num_labels, trunk))
-
-    def evaluate(self, split: str = "test") -> float:
+    def shard_logits(self, split: str) -> dict[int, torch.Tensor]:
+        """The single model as the only ensemble member (aggregating one member is its argmax)."""
         if self.state is None:
-            return float("nan")
-        return accuracy(self.logits(split).argmax(-1), self.data.eval_labels(split))
+            return {}
+        trunk = self.data.evals[split]
+        return {0: self._cache.get(split, 0, self._version,
+                                   lambda: full_logits(self.data.backbone, self.state, self.data.num_labels, trunk))}

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import torch
 
-from s3t_ops.baselines.base import AGGREGATIONS, FitReport, ForgetCost, LogitCache, SharedData, UnlearningSystem, accuracy, aggregate, derive_seed
+from s3t_ops.baselines.base import AGGREGATIONS, FitReport, ForgetCost, LogitCache, SharedData, UnlearningSystem, derive_seed
 from s3t_ops.baselines.full_lora import full_logits, train_full_lora
 from s3t_ops.checkpoints import stage_seed
 from s3t_ops.ensemble import Ensemble, ShardModel
@@ -150,9 +150,3 @@ class SISA(UnlearningSystem):
                     self.data.backbone, [ShardModel(s, dep, states)], self.data.num_labels).shard_logits_from_trunk(trunk)[s]
             out[s] = self._cache.get(split, s, (self._version[s], dep), compute)
         return out
-
-    def evaluate(self, split: str = "test") -> float:
-        logits = self.shard_logits(split)
-        if not logits:
-            return float("nan")
-        return accuracy(aggregate(list(logits.values()), self.aggregation), self.data.eval_labels(split))
