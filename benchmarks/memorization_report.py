@@ -236,6 +236,8 @@ def _plot(path: Path, proxy_rows: dict, summary: dict, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from s3t_ops.memorization.report import tow_bars
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), dpi=120, gridspec_kw={"width_ratios": [1, 1.6]})
     names = list(proxy_rows)
     rho = [proxy_rows[n]["spearman"] for n in names]
@@ -251,12 +253,7 @@ def _plot(path: Path, proxy_rows: dict, summary: dict, args) -> None:
     ax1.set_ylabel("Spearman vs subsampled true memorization")
     ax1.set_title(f"Proxies (blue) and the S3T-inventory estimate (orange)\ncompute time as a ratio to the true score ({args.models} models)", fontsize=8)
     variants = [v for v in VARIANT_ORDER if v in summary]
-    for j, (metric, label) in enumerate((("tow", "ToW"), ("tow_mia", "ToW-MIA"))):
-        m = [summary[v][metric]["mean"] for v in variants]
-        err = [[summary[v][metric]["mean"] - summary[v][metric]["low"] for v in variants],
-               [summary[v][metric]["high"] - summary[v][metric]["mean"] for v in variants]]
-        ax2.bar([i + (j - 0.5) * 0.4 for i in range(len(variants))], m, width=0.4, yerr=err, capsize=3, label=label)
-    ax2.set_xticks(range(len(variants)))
+    tow_bars(ax2, summary, variants)
     ax2.set_xticklabels([v.replace("@", "\n@") for v in variants], fontsize=7)
     lo = min(summary[v][k]["low"] for v in variants for k in ("tow", "tow_mia"))
     ax2.set_ylim(max(0.0, lo - 0.05), 1.0)

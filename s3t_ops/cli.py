@@ -265,7 +265,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from s3t_ops.memorization.config import MemorizationConfig
-    from s3t_ops.memorization.service import format_report, unlearn_command
+    from s3t_ops.memorization.report import format_report
+    from s3t_ops.memorization.service import unlearn_command
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")

@@ -152,7 +152,7 @@ def test_mean_ci_and_summary_on_known_values():
 
 def test_plan_variants_per_method():
     from s3t_ops.memorization.config import TUNED
-    from s3t_ops.memorization.service import plan_variants
+    from s3t_ops.memorization.workflow import plan_variants
 
     assert plan_variants("rum") == (["original", "oracle", "rum"], "rum", None)
     assert plan_variants("rum_f", controls=True) == (["original", "oracle", "rum_f", "rum_f_shuffle", "vanilla"], "rum_f", None)

@@ -234,7 +234,7 @@ def test_inventory_estimate_uses_checkpoints_that_did_and_did_not_see_each_examp
         assert inv["memorization"].between(-1, 1).all()
 
         # the one-call door for `s3t unlearn`: the original model is cached in the state folder
-        from s3t_ops.memorization.workflow import unlearn_state
+        from s3t_ops.memorization.service import unlearn_state
 
         tiny = MCFG.replace(epochs=1)
         first = unlearn_state(engine.cfg.state_dir, n_forget=6, mcfg=tiny, variants=("oracle", "vanilla"), holdout=False)

@@ -1,6 +1,9 @@
 """Memorization group: scores (proxies + the S3T inventory estimate), an APPROXIMATELY unlearned monolithic
 model (RUM and baselines), and its report against a retrained oracle. Never auto-materialized: each
-asset trains models, so it runs only when asked (Launchpad config below)."""
+asset trains models, so it runs only when asked (Launchpad config below).
+
+Each asset is one step of the path `s3t unlearn` takes too (s3t_ops/memorization/service.py); what
+they leave in the state folder, and its erasure after deletions, is s3t_ops/memorization/store.py's."""
 
 import time
 
@@ -85,7 +88,7 @@ def build_memorization_assets(L: int) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name="memorization", deps=[rum_unlearned],
               description="The unlearned model scored against an oracle retrained without the forget set (accuracy on "
                           "forget/retain/test, SVC-MIA, ToW, ToW-MIA), with controls; JSON + PNG; one MLflow run per variant "
-                          "(tag s3t.kind=approximate_unlearning).")
+                          "(tags s3t.kind=approximate_unlearning, s3t.memorization_artifact=report).")
     def unlearning_report(context: dg.AssetExecutionContext, config: UnlearningReportConfig, s3t: S3TResource,
                           mlflow: MlflowResource) -> dg.MaterializeResult:
         from s3t_ops.memorization.service import EXPERIMENT, materialize_report

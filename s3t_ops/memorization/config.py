@@ -1,4 +1,4 @@
-"""Configuration of memorization-aware approximate unlearning (REFERENCE.md, "Memorization-based unlearning").
+"""Configuration of memorization-aware approximate unlearning (docs/memorization.md, "## Methods" and "## RUM").
 
 Two dataclasses: `MethodConfig` is one unlearning step (which method, how long, how hard);
 `MemorizationConfig` is everything else (the monolithic model, proxies, true-score estimation, RUM).
@@ -99,7 +99,7 @@ class MethodConfig:
 
 
 def neggrad_plus_schedule() -> dict[str, MethodConfig]:
-    """The papers' RUM^F with NegGrad+ per bin (REFERENCE.md, RUM; ResNet/SGD): a 0.99/0.97/0.97, lr 0.01/0.01/0.001, epochs 5/5/10."""
+    """The papers' RUM^F with NegGrad+ per bin (docs/memorization.md, "## RUM"; ResNet/SGD): a 0.99/0.97/0.97, lr 0.01/0.01/0.001, epochs 5/5/10."""
     return {
         "low": MethodConfig("neggrad_plus", epochs=5, lr=0.01, alpha=0.99),
         "mid": MethodConfig("neggrad_plus", epochs=5, lr=0.01, alpha=0.97),
@@ -108,7 +108,7 @@ def neggrad_plus_schedule() -> dict[str, MethodConfig]:
 
 
 def full_rum_schedule() -> dict[str, MethodConfig]:
-    """Full RUM as chosen on CIFAR-10 (REFERENCE.md, RUM): nothing -> fine-tune -> SalUn."""
+    """Full RUM as chosen on CIFAR-10 (docs/memorization.md, "## RUM"): nothing -> fine-tune -> SalUn."""
     return {
         "low": MethodConfig("none"),
         "mid": MethodConfig("finetune", epochs=10, lr=0.01),

@@ -1,11 +1,11 @@
-"""Approximate unlearning methods on a monolithic LoRA model, and the oracle (REFERENCE.md, RUM and Metrics).
+"""Approximate unlearning methods on a monolithic LoRA model, and the oracle (docs/memorization.md, "## Methods" and "## Metrics").
 
 Every method starts from a model state and returns a new one; only the LoRA of the top groups and the
 head move (the rest of the backbone is frozen, as in training). D = F ∪ R (forget, retain):
   none          the state unchanged
   finetune      CE on R                                     (catastrophic forgetting of F)
   neggrad       -CE on F                                    (gradient ascent)
-  neggrad_plus  a·CE(R) - (1-a)·CE(F)                       (REFERENCE, RUM^F)
+  neggrad_plus  a·CE(R) - (1-a)·CE(F)                       (docs/memorization.md, "## RUM": RUM^F)
   l1_sparse     CE on R + gamma_t·||theta||_1, gamma_t = gamma·(1 - epoch/epochs)
   random_label  CE on F with uniformly random labels (redrawn every epoch) together with R
   salun         random_label, updating only the salient weights: the `saliency` fraction of trainable
@@ -40,7 +40,7 @@ class UnlearnResult:
 # --- pure pieces ----------------------------------------------------------------------------
 def neggrad_plus_loss(retain_logits: torch.Tensor, retain_labels: torch.Tensor, forget_logits: torch.Tensor,
                       forget_labels: torch.Tensor, alpha: float) -> torch.Tensor:
-    """NegGrad+ (REFERENCE.md, RUM^F): a·CE(retain) - (1-a)·CE(forget), each CE a batch mean."""
+    """NegGrad+ (docs/memorization.md, "## RUM": RUM^F): a·CE(retain) - (1-a)·CE(forget), each CE a batch mean."""
     return alpha * F.cross_entropy(retain_logits, retain_labels) - (1.0 - alpha) * F.cross_entropy(forget_logits, forget_labels)
 
 
@@ -200,7 +200,7 @@ _STEPS: dict[str, Callable] = {
 
 def oracle(clf: MonolithicClassifier, data: LabeledTrunk, forget_ids: Sequence[str], epochs: int, lr: float,
            batch_size: int, seed: int = 0, on_logits: Callable | None = None) -> TrainResult:
-    """Retrain from scratch on D \\ F with the original recipe and seed (REFERENCE.md, Metrics: Oracle)."""
+    """Retrain from scratch on D \\ F with the original recipe and seed (docs/memorization.md, "## Metrics": the oracle)."""
     gone = set(forget_ids)
     unknown = gone - set(data.ids)
     if unknown:

@@ -1,4 +1,4 @@
-"""Unlearning metrics (REFERENCE.md, "Memorization-based unlearning", Metrics).
+"""Unlearning metrics (docs/memorization.md, "## Metrics").
 
 Accuracies on forget / retain / test in [0, 1]; SVC-MIA; and the tug-of-war scores against the oracle r
 (retrained from scratch on D \\ F):

@@ -1,9 +1,11 @@
-"""A monolithic classifier for approximate unlearning: frozen trunk + LoRA on the top `depth` groups + head.
+"""The monolithic LoRA classifier and its one training loop: frozen trunk + LoRA on the top `depth` groups + head.
 
-This is the "model not trained with S3T": one model on all the training data. It reuses the engine's
-Backbone (peft adapters g1..gL, group 1 = top blocks) and trunk cache: the groups below `depth` stay
-untrained (identity), so the input of group `depth` is the cached frozen hidden state and training
-only runs the top blocks (as stages.py does).
+This is the "model not trained with S3T": one model on all the training data (docs/memorization.md,
+"## Memorization"). It reuses the engine's Backbone (peft adapters g1..gL, group 1 = top blocks) and
+trunk cache: the groups below `depth` stay untrained (identity), so the input of group `depth` is the
+cached frozen hidden state and training only runs the top blocks (as stages.py does). At depth L it is
+also the exact-unlearning baselines' ordinary LoRA model (baselines/full_lora.py), trained by the same
+`train_classifier`.
 
 A model is a plain state dict (`g{k}.<lora key>` for k = 1..depth, `head.weight`, `head.bias`); the
 Backbone is shared and mutable, so `MonolithicClassifier.load` must precede every use of a state.
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from s3t_ops.backbone import Backbone, adapter_name, new_head
-from s3t_ops.stages import epoch_order
+from s3t_ops.stages import depth_logits, epoch_order
 from s3t_ops.trunk import TrunkCache
 
 State = dict[str, torch.Tensor]
@@ -39,6 +41,16 @@ class LabeledTrunk:
         self.labels = torch.as_tensor(self.labels, dtype=torch.long)
         if len(self.labels) != len(self.trunk):
             raise ValueError(f"{len(self.trunk)} trunk rows but {len(self.labels)} labels")
+
+    @classmethod
+    def partial(cls, trunk: TrunkCache, ids: Sequence[str], labels: torch.Tensor) -> "LabeledTrunk":
+        """`trunk` labelled only at `ids` (labels[j] belongs to ids[j]), without copying its hidden states.
+
+        The other rows get -100, CrossEntropyLoss's ignore_index: a caller that trains on a shared trunk
+        (the baselines train many subsets of one) only ever names the labelled rows."""
+        full = torch.full((len(trunk),), -100, dtype=torch.long)
+        full[trunk.rows(ids)] = torch.as_tensor(labels, dtype=torch.long)
+        return cls(trunk, full)
 
     def __len__(self) -> int:
         return len(self.trunk)
@@ -74,6 +86,15 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def split_groups(state: State, depth: int) -> tuple[list[State], State]:
+    """A model state as (the LoRA state of groups 1..depth, the head state), prefixes stripped."""
+    loras = []
+    for k in range(1, depth + 1):
+        prefix = f"g{k}."
+        loras.append({key[len(prefix):]: t for key, t in state.items() if key.startswith(prefix)})
+    return loras, {key[len("head."):]: t for key, t in state.items() if key.startswith("head.")}
+
+
 class MonolithicClassifier:
     """Backbone groups 1..depth (LoRA) + a linear head, trained on cached trunk states."""
 
@@ -84,16 +105,28 @@ class MonolithicClassifier:
         self.num_labels = num_labels
         self.depth = depth
         self.start = backbone.layout.start_block(depth)
-        self.head = nn.Linear(backbone.hidden_size, num_labels)
+        self.head = new_head(backbone.hidden_size, num_labels, 0)  # replaced by every init_state / load
         self.blocks = sorted(b for k in range(1, depth + 1) for b in backbone.layout.blocks(k))
 
     # --- state ------------------------------------------------------------------------------
+    def group_seed(self, seed: int, k: int) -> int:
+        """The seed of group k's fresh LoRA A in a model seeded `seed`."""
+        return seed * 1000 + k
+
     def init_state(self, seed: int) -> State:
         """Fresh model: LoRA B = 0 (identity) in groups 1..depth, a new head; deterministic in `seed`."""
         for k in range(1, self.depth + 1):
-            self.backbone.reset_group(k, seed * 1000 + k)
+            self.backbone.reset_group(k, self.group_seed(seed, k))
         self.head.load_state_dict(new_head(self.backbone.hidden_size, self.num_labels, seed).state_dict())
         return self.state()
+
+    def begin(self, seed: int, init: State | None) -> None:
+        """Load the starting model of a training run (called inside its seeded RNG): fresh from `seed`, or `init`."""
+        if init is None:
+            self.init_state(seed)
+            self.backbone.activate(self.depth)
+        else:
+            self.load(init)
 
     def state(self) -> State:
         out: State = {}
@@ -105,10 +138,10 @@ class MonolithicClassifier:
         return out
 
     def load(self, state: State) -> None:
-        for k in range(1, self.depth + 1):
-            prefix = f"g{k}."
-            self.backbone.load_group(k, {key[len(prefix):]: t for key, t in state.items() if key.startswith(prefix)})
-        self.head.load_state_dict({key[5:]: t for key, t in state.items() if key.startswith("head.")})
+        loras, head = split_groups(state, self.depth)
+        for k, lora in enumerate(loras, start=1):
+            self.backbone.load_group(k, lora)
+        self.head.load_state_dict(head)
         self.backbone.activate(self.depth)
         self.eval_mode()
 
@@ -143,15 +176,16 @@ class MonolithicClassifier:
 
     def logits(self, state: State | None, data: LabeledTrunk, rows: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
         """Eval-mode logits of `state` (None: the loaded one) on `data` rows (all by default)."""
+        return self.trunk_logits(state, data.trunk, rows, batch_size)
+
+    def trunk_logits(self, state: State | None, trunk: TrunkCache, rows: torch.Tensor | None = None,
+                     batch_size: int = 256) -> torch.Tensor:
+        """`logits` on unlabelled trunk rows (evaluation splits of the baselines)."""
         if state is not None:
             self.load(state)
         self.eval_mode()
-        rows = torch.arange(len(data)) if rows is None else rows
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(rows), batch_size):
-                out.append(self.forward(data, rows[i:i + batch_size]))
-        return torch.cat(out) if out else torch.zeros(0, self.num_labels)
+        rows = torch.arange(len(trunk)) if rows is None else rows
+        return depth_logits(self.backbone, self.head, trunk, rows, self.depth, batch_size)
 
 
 # --- training primitives --------------------------------------------------------------------
@@ -191,7 +225,8 @@ def train_classifier(
     patience: int | None = None,
     optimizer: str = "adamw",
 ) -> TrainResult:
-    """Cross-entropy training of the LoRA + head on `ids` (default: all of `data`).
+    """Cross-entropy training of the LoRA + head on `ids` (default: all of `data`): the one training loop of
+    the monolithic model, the oracle, holdout retraining, the subsampled models and the baselines' LoRA model.
 
     init=None trains from scratch (fresh state from `seed`); otherwise continues from `init`.
     on_logits(ids, logits, labels) receives the logits of every training step itself (train mode,
@@ -204,11 +239,7 @@ def train_classifier(
         raise ValueError("no training examples")
     loss_fn = nn.CrossEntropyLoss()
     with seeded(seed):
-        if init is None:
-            state = clf.init_state(seed)
-            clf.load(state)
-        else:
-            clf.load(init)
+        clf.begin(seed, init)
         params = [p for _, p in clf.named_trainable()]
         opt = make_optimizer(params, optimizer, lr)
         result = TrainResult(state={}, seen_ids=set())

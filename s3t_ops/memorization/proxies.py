@@ -1,4 +1,4 @@
-"""Cheap memorization proxies (REFERENCE.md, "Memorization-based unlearning", Proxies).
+"""Cheap memorization proxies (docs/memorization.md, "## Proxies").
 
 (a)-(d) are running means over training epochs of quantities computed from the logits of the
 training steps themselves (no extra forward pass), per example:
@@ -24,7 +24,7 @@ import torch
 from s3t_ops.memorization.model import LabeledTrunk, MonolithicClassifier, State, train_classifier
 
 STEP_PROXIES = ("confidence", "max_confidence", "neg_entropy", "binary_accuracy")
-# +1: the proxy grows with memorization; -1: it shrinks (REFERENCE: "high => low memorization").
+# +1: the proxy grows with memorization; -1: it shrinks (docs/memorization.md, "## Proxies": "high => low memorization").
 # The true-score columns (`inventory`, `memorization`) already grow with memorization.
 DIRECTION = {"confidence": -1.0, "max_confidence": -1.0, "neg_entropy": -1.0, "binary_accuracy": -1.0, "holdout_retraining": 1.0,
              "inventory": 1.0, "memorization": 1.0}

@@ -1,4 +1,4 @@
-"""RUM, the Refined-Unlearning Meta-algorithm (REFERENCE.md, "Memorization-based unlearning", RUM).
+"""RUM, the Refined-Unlearning Meta-algorithm (docs/memorization.md, "## RUM").
 
 Refine the forget set F by memorization rank into low / mid / high (mid = the examples ranked
 closest to the median), then unlearn sequentially low -> mid -> high, each step starting from the

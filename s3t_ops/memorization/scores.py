@@ -1,4 +1,4 @@
-"""True memorization scores, to validate the cheap proxies (REFERENCE.md, "Memorization-based unlearning").
+"""True memorization scores, to validate the cheap proxies (docs/memorization.md, "## True score and inventory estimate").
 
 mem(i) = P[h(x_i) = y_i | i in train] - P[h(x_i) = y_i | i not in train]   (Feldman)
 

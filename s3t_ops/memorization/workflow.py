@@ -1,27 +1,27 @@
-"""The memorization flow that both doors (a CLI `s3t unlearn` and Dagster assets) call.
+"""The computation of memorization-aware approximate unlearning, free of files: service.py runs it for both doors.
 
 train_original   -> the monolithic model and its logged proxies (running means over its training epochs)
 memorization_scores -> one table per training id: the proxies, holdout retraining, and optionally the
-                    subsampled true score and the S3T-inventory estimate
+                    S3T-inventory estimate and the subsampled true score
+plan_variants    -> which models a requested method means (the method, its controls, the oracle)
 run_unlearning   -> oracle, vanilla, RUM^F, full RUM and shuffle controls, each scored against the oracle
-Everything here is approximate unlearning (labelled so in the report); S3T itself is the exact path.
+The steps are those of docs/memorization.md ("## Proxies", "## RUM", "## Metrics"). Everything here
+is approximate unlearning (labelled so in the report); S3T itself is the exact path. What is kept on
+disk, and its erasure, is store.py's.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 
 from s3t_ops.memorization import metrics, proxies, rum, scores
-from s3t_ops.memorization.config import MemorizationConfig, MethodConfig
+from s3t_ops.memorization.config import METHODS, UNLEARN_METHODS, MemorizationConfig, MethodConfig, default_method
 from s3t_ops.memorization.methods import oracle
 from s3t_ops.memorization.model import LabeledTrunk, MonolithicClassifier, State, TrainResult, train_classifier
 from s3t_ops.trunk import TrunkCache, compute_trunk
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from s3t_ops.engine import S3T
 
 VARIANTS = ("original", "oracle", "vanilla", "rum_f", "rum_f_shuffle", "rum", "rum_shuffle")
+SINGLE_METHODS = tuple(m for m in METHODS if m != "none")
 
 
 @dataclass
@@ -73,30 +74,6 @@ class OriginalModel:
     proxies: pd.DataFrame  # per id: confidence, max_confidence, neg_entropy, binary_accuracy, n_obs
     training: TrainResult
 
-    def save(self, folder: str | Path) -> Path:
-        """model.safetensors + proxies.parquet + training.json (atomic per file)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_state(folder / "model.safetensors", self.state)
-        tmp = folder / "proxies.tmp"
-        self.proxies.to_parquet(tmp)
-        os.replace(tmp, folder / "proxies.parquet")
-        info = {"epoch_losses": self.training.epoch_losses, "steps": self.training.steps,
-                "grad_example_steps": self.training.grad_example_steps, "seconds": self.training.seconds,
-                "seen_ids": sorted(self.training.seen_ids)}
-        tmp = folder / "training.tmp"
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, folder / "training.json")
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "OriginalModel":
-        folder = Path(folder)
-        info = json.loads((folder / "training.json").read_text())
-        training = TrainResult(state={}, seen_ids=set(info.pop("seen_ids")), **info)
-        training.state = load_state(folder / "model.safetensors")
-        return cls(training.state, pd.read_parquet(folder / "proxies.parquet"), training)
-
 
 def train_original(clf: MonolithicClassifier, splits: Splits, mcfg: MemorizationConfig) -> OriginalModel:
     """Train on all of D, logging the four step proxies from the training logits themselves."""
@@ -112,23 +89,30 @@ def memorization_scores(
     mcfg: MemorizationConfig,
     holdout: bool = True,
     subsampled: bool = False,
-    engine: "S3T | None" = None,
+    inventory: pd.DataFrame | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """One row per training id: the step proxies, `holdout_retraining`, and optionally the subsampled
-    true score (`memorization`, costly: `subsample_models` trainings) and the S3T inventory estimate
-    (`inventory`, free given an engine with trained checkpoints)."""
+    """One row per training id: the step proxies, `holdout_retraining`, and optionally the S3T inventory
+    estimate (`inventory`: the table of `scores.inventory_scores`, free given trained checkpoints, so
+    computed once by the caller) and the subsampled true score (`memorization`, costly:
+    `subsample_models` trainings). `seconds`, when given, receives the time each costly column took."""
     table = original.proxies.reindex(splits.train.ids)
+    table.index.name = "id"
+    timings = {} if seconds is None else seconds
     if holdout:
+        t = time.perf_counter()
         table["holdout_retraining"] = proxies.holdout_retraining(
             clf, original.state, splits.val, splits.train, lr=mcfg.holdout_lr, max_epochs=mcfg.holdout_max_epochs,
             patience=mcfg.holdout_patience, batch_size=mcfg.batch_size, seed=mcfg.seed)
+        timings["holdout_retraining"] = time.perf_counter() - t
+    if inventory is not None:
+        table["inventory"] = inventory["memorization"].reindex(table.index)
     if subsampled:
+        t = time.perf_counter()
         true = scores.subsampled_memorization(clf, splits.train, mcfg.subsample_models, mcfg.subsample_fraction,
                                               mcfg.epochs, mcfg.lr, mcfg.batch_size, mcfg.seed)
         table["memorization"] = true["memorization"]
-    if engine is not None:
-        table["inventory"] = scores.inventory_scores(engine)["memorization"]
-    table.index.name = "id"
+        timings["memorization"] = time.perf_counter() - t
     return table
 
 
@@ -138,6 +122,17 @@ def proxy_agreement(table: pd.DataFrame, truth: str = "memorization") -> dict[st
     for name in [c for c in table.columns if c in proxies.DIRECTION and c != truth]:
         out[name] = scores.rank_correlation(proxies.memorization_score(table[name], name), table[truth])
     return out
+
+
+def ids_digest(ids: Iterable[str]) -> str:
+    """Names a set of ids (order-free) in MLflow params and model metadata without listing them."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def data_ids(splits: Splits, val: bool = False, test: bool = False) -> list[str]:
+    """Every example id a result was computed from: the training set, and the held-out splits it read
+    (validation: the holdout-retraining proxy fine-tunes on it; test: accuracies and the MIA)."""
+    return [*splits.train.ids, *(splits.val.ids if val else ()), *(splits.test.ids if test else ())]
 
 
 def select_forget_set(ids: Sequence[str], n: int, seed: int = 0) -> list[str]:
@@ -296,22 +291,37 @@ def phases(variants: Sequence[str]) -> list[str]:
     return (["oracle"] if "oracle" in variants else []) + [v for v in VARIANTS if v in variants and v != "oracle"]
 
 
-def original_folder(state_dir: str | Path, splits: Splits, mcfg: MemorizationConfig) -> Path:
-    """Where the original model of this config and live training set is cached in a state folder."""
-    key = hashlib.sha256(json.dumps({k: v for k, v in mcfg.to_dict().items() if k in ("depth", "epochs", "lr", "batch_size", "seed")},
-                                    sort_keys=True).encode() + "|".join(splits.train.ids).encode()).hexdigest()[:12]
-    return Path(state_dir) / "memorization" / f"original-{key}"
+def plan_variants(method: str, controls: bool = False, with_oracle: bool = True) -> tuple[list[str], str, MethodConfig | None]:
+    """(variants to run, the variant that is the requested method, the vanilla MethodConfig or None).
+
+    rum / rum_f: RUM or RUM^F; controls add its shuffle control and vanilla NegGrad+. vanilla: the tuned
+    NegGrad+ step (`MemorizationConfig.vanilla`) on all of F. A single method (e.g. salun): that method on all of F, with its
+    default settings (`config.default_method`). `original` (doing nothing) is always scored as a baseline.
+    """
+    if method not in UNLEARN_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(UNLEARN_METHODS)}")
+    variants = ["original"] + (["oracle"] if with_oracle else [])
+    vanilla = None
+    if method in ("rum", "rum_f"):
+        variants.append(method)
+        if controls:
+            variants += [f"{method}_shuffle", "vanilla"]
+        primary = method
+    else:
+        variants.append("vanilla")
+        primary = "vanilla"
+        vanilla = None if method == "vanilla" else default_method(method)
+    return variants, primary, vanilla
 
 
-def load_or_train_original(clf: MonolithicClassifier, splits: Splits, mcfg: MemorizationConfig, state_dir: str | Path,
-                           retrain: bool = False) -> tuple[OriginalModel, Path, bool]:
-    """(the original model, its folder, whether it was loaded from the cache)."""
-    folder = original_folder(state_dir, splits, mcfg)
-    if (folder / "training.json").is_file() and not retrain:
-        return OriginalModel.load(folder), folder, True
-    original = train_original(clf, splits, mcfg)
-    original.save(folder)
-    return original, folder, False
+def label(variant: str, method: str) -> str:
+    """How the report names a variant (a single method runs as the `vanilla` variant)."""
+    return method if variant == "vanilla" and method in SINGLE_METHODS else variant
+
+
+def labelled(report: dict[str, Any], method: str) -> dict[str, Any]:
+    """`UnlearningReport.to_dict()` with its variants named as the report shows them (`label`)."""
+    return {**report, "variants": {label(v, method): row for v, row in report["variants"].items()}}
 
 
 def check_forget_ids(splits: Splits, forget_ids: Sequence[str]) -> list[str]:
@@ -327,65 +337,3 @@ def check_forget_ids(splits: Splits, forget_ids: Sequence[str]) -> list[str]:
     if len(forget) >= len(live):
         raise ValueError(f"the forget set ({len(forget)}) must leave some of the {len(live)} training examples to retain")
     return forget
-
-
-def unlearn_state(
-    state_dir: str | Path,
-    forget_ids: Sequence[str] | None = None,
-    n_forget: int = 30,
-    mcfg: MemorizationConfig | None = None,
-    variants: Sequence[str] = VARIANTS,
-    retrain: bool = False,
-    holdout: bool = True,
-    inventory: bool = True,
-    vanilla: MethodConfig | None = None,
-    progress: Callable[[str], None] | None = None,
-    engine: "S3T | None" = None,
-    splits: Splits | None = None,
-    inventory_table: pd.DataFrame | None = None,
-) -> UnlearningReport:
-    """One call for `s3t unlearn`: approximate unlearning of a monolithic model on an S3T state's live data.
-
-    The original model and its proxies are cached under `<state>/memorization/original-<hash of mcfg>/`
-    (retrain=True rebuilds them). forget_ids default: `n_forget` training ids chosen by a seeded hash.
-    The forget ids must be live training examples (ids already deleted from S3T are gone from the data).
-    engine / splits / inventory_table: reuse what a caller already has (e.g. over several seeds).
-    progress(phase): "original", "scores", then `phases(variants)`.
-    """
-    from s3t_ops.engine import S3T
-
-    mcfg = mcfg or MemorizationConfig()
-    note = progress or (lambda phase: None)
-    if mcfg.proxy == "memorization":
-        raise ValueError("proxy 'memorization' needs the subsampled true score; use run_unlearning with memorization_scores(subsampled=True)")
-    engine = engine or S3T.open(state_dir, progress=False)
-    splits = splits or splits_from_engine(engine)
-    forget = check_forget_ids(splits, forget_ids) if forget_ids is not None else select_forget_set(splits.train.ids, n_forget, mcfg.seed)
-    clf = classifier_for(engine.backbone, len(splits.label_names), mcfg)
-    note("original")
-    original, _, _ = load_or_train_original(clf, splits, mcfg, state_dir, retrain)
-    note("scores")
-    want_inventory = inventory or mcfg.proxy == "inventory"
-    table = memorization_scores(clf, splits, original, mcfg, holdout=holdout or mcfg.proxy == "holdout_retraining",
-                                engine=engine if want_inventory and inventory_table is None else None)
-    if want_inventory and inventory_table is not None:
-        table["inventory"] = inventory_table["memorization"].reindex(table.index)
-    return run_unlearning(clf, splits, original.state, forget, table, mcfg, variants, vanilla=vanilla, progress=progress)
-
-
-# --- persistence (assets hand states to each other as files) --------------------------------
-def save_state(path: str | Path, state: State, metadata: dict[str, Any] | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"meta": json.dumps(metadata or {}, default=str)})
-    os.replace(tmp, path)
-    return path
-
-
-def load_state(path: str | Path) -> State:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
