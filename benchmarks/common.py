@@ -84,13 +84,14 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
-def prepare_engine(cfg, source: str | None, progress: bool):
-    """Ingest into a new state folder and cache the trunk; returns (engine, seconds)."""
+def prepare_engine(cfg, source: str | None, progress: bool, publisher=None):
+    """Ingest into a new state folder and cache the trunk; returns (engine, seconds). Benchmarks publish to no
+    registry unless a publisher is given (the ledger alone records their runs)."""
     from s3t_ops.engine import S3T
+    from s3t_ops.publish import Publisher
 
     t0 = time.perf_counter()
-    engine = S3T(cfg, progress=progress)
-    engine.ingest(source)
+    engine = S3T.create(cfg, source, progress=progress, publisher=publisher or Publisher())
     engine.build_trunk()
     return engine, time.perf_counter() - t0
 

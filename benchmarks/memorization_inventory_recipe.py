@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from s3t_ops.config import S3TConfig
     from s3t_ops.engine import S3T
+    from s3t_ops.publish import Publisher
     from s3t_ops.memorization.scores import inventory_scores, rank_correlation
 
     out = Path(args.out)
@@ -48,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = S3T.open(state, progress=False)
     else:
         cfg = S3TConfig.from_dict({**base.to_dict(), "epochs": args.epochs, "lr": args.lr, "state_dir": str(state)})
-        engine = S3T(cfg, progress=False)
-        engine.ingest(None)
-        engine.build_trunk()
-        engine.train()
-        engine.serve()
+        engine = S3T.create(cfg, None, progress=False, publisher=Publisher())
+        engine.fit()
     train_s = time.perf_counter() - t0
     t, c = time.perf_counter(), time.process_time()
     inv = inventory_scores(engine)

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from s3t_ops.config import S3TConfig
     from s3t_ops.engine import S3T
+    from s3t_ops.publish import Publisher
     from s3t_ops.memorization import metrics, proxies, scores
     from s3t_ops.memorization import workflow as wf
     from s3t_ops.memorization.config import (TUNED, MemorizationConfig, full_rum_schedule, neggrad_plus_schedule,
@@ -92,12 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = S3TConfig(shards=args.shards, slices=args.slices, budget=args.slices, n_train=args.n_train, n_val=args.n_val,
                         n_test=args.n_test, seed=0, state_dir=state)
-        engine = S3T(cfg, progress=False)
         t = time.perf_counter()
-        engine.ingest(None)
-        engine.build_trunk()
-        engine.train()
-        engine.serve()
+        engine = S3T.create(cfg, None, progress=False, publisher=Publisher())
+        engine.fit()
         s3t_seconds = time.perf_counter() - t
         log(f"S3T state trained in {s3t_seconds:.1f}s (m={args.shards}, L={args.slices}, B={args.slices}); test accuracy {engine.evaluate('test'):.3f}")
     splits = wf.splits_from_engine(engine)

@@ -17,8 +17,29 @@ def _backbone(config_json: str):
     return Backbone(S3TConfig.from_dict(json.loads(config_json)))
 
 
+class MlflowResource(dg.ConfigurableResource):
+    """The registry a NEW state publishes to (recorded in its ledger; later every door publishes there).
+    Default: a SQLite store inside the state folder."""
+
+    tracking_uri: str = ""
+    model_name: str = "s3t-ensemble"
+    experiment: str = "s3t"
+
+    def publisher(self, state_dir: str):
+        from s3t_ops.publish import MlflowPublisher
+
+        return MlflowPublisher(state_dir, self.tracking_uri or None, self.model_name, self.experiment)
+
+    def tracker(self, state_dir: str, experiment: str | None = None):
+        from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
+
+        uri = self.tracking_uri or default_tracking_uri(state_dir)
+        return Tracker(uri, experiment=experiment or self.experiment, model_name=self.model_name,
+                       artifact_root=default_artifact_root(state_dir))
+
+
 class S3TResource(dg.ConfigurableResource):
-    """The engine over one state folder. A fresh engine per call, a cached backbone per process."""
+    """The engine over one state folder: opened (and repaired) per call, with a cached backbone per process."""
 
     state_dir: str
     config_json: str  # S3TConfig.to_dict() as JSON: used to create the state on first ingest
@@ -28,29 +49,28 @@ class S3TResource(dg.ConfigurableResource):
         data["state_dir"] = self.state_dir
         return S3TConfig.from_dict(data)
 
-    def engine(self, load_backbone: bool = True):
+    def exists(self) -> bool:
         from pathlib import Path
 
+        return (Path(self.state_dir) / "config.json").is_file()
+
+    def engine(self, load_backbone: bool = True, run_id: str | None = None, repair: bool = True):
+        """The state's engine (it publishes to the registry recorded at creation); `run_id` tags what it registers.
+        Sensors, schedules and checks only read: they open without repairing (a run repairs)."""
+        from s3t_ops.engine import S3T, StateError
+
+        if not self.exists():
+            raise StateError(f"no S3T state in {self.state_dir} yet: materialize the `examples` asset first")
+        engine = S3T.open(self.state_dir, backbone=self._backbone() if load_backbone else None, progress=False, repair=repair)
+        if run_id:
+            engine.tags = {"dagster_run_id": run_id}
+        return engine
+
+    def create(self, source: str | None, publisher):
         from s3t_ops.engine import S3T
 
+        return S3T.create(self.config(), source, publisher=publisher, backbone=self._backbone(), progress=False)
+
+    def _backbone(self):
         cfg = self.config()
-        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "state_dir"}, sort_keys=True)
-        backbone = _backbone(key) if load_backbone else None
-        if (Path(self.state_dir) / "config.json").is_file():
-            return S3T.open(self.state_dir, backbone=backbone, progress=False)
-        return S3T(cfg, backbone=backbone, progress=False)
-
-
-class MlflowResource(dg.ConfigurableResource):
-    """Tracking and the model registry; the default is a SQLite store inside the state folder."""
-
-    tracking_uri: str = ""
-    model_name: str = "s3t-ensemble"
-    experiment: str = "s3t"
-
-    def tracker(self, state_dir: str, experiment: str | None = None):
-        from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
-
-        uri = self.tracking_uri or default_tracking_uri(state_dir)
-        return Tracker(uri, experiment=experiment or self.experiment, model_name=self.model_name,
-                       artifact_root=default_artifact_root(state_dir))
+        return _backbone(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "state_dir"}, sort_keys=True))

@@ -24,9 +24,9 @@ def build_retrain_schedule(stages: list[dg.AssetsDefinition], cron: str, running
                  default_status=dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED,
                  description="Retrain the stages that deletions made stale (the policy when S3T_RETRAIN=nightly).")
     def retrain_stale_stages(context: dg.ScheduleEvaluationContext, s3t: S3TResource):
-        engine = s3t.engine(load_backbone=False)
-        if not engine.ledger.exists():
+        if not s3t.exists():
             return dg.SkipReason("no ledger yet")
+        engine = s3t.engine(load_backbone=False, repair=False)
         requests = stale_stage_requests(engine, keys, context.scheduled_execution_time.isoformat())
         return requests or dg.SkipReason("every stage is fresh")
 

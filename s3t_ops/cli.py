@@ -1,4 +1,9 @@
-"""`s3t`: train S3T models, honour deletions at once, inspect the served plan; approximate unlearning (`s3t unlearn`)."""
+"""`s3t`: train S3T models, honour deletions at once, inspect the served plan; approximate unlearning (`s3t unlearn`).
+
+Each command makes one call into the engine's lifecycle (`S3T.open_or_create(...).fit()`, `S3T.open(...).forget(ids)`),
+which first repairs what a crash left and reports to the state's registry (MLflow by default). Errors are one line
+naming the problem, exit code 2, and the state is left as it was.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +16,11 @@ from pathlib import Path
 DEFAULT_STATE = os.environ.get("S3T_STATE", "s3t_state")
 # read once: mlflow.set_tracking_uri() writes this variable, so later reads in-process see the last store used
 ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
+# config flags -> S3TConfig fields (flags default to None, so an explicit flag is known apart from a default)
+CONFIG_FLAGS = {"shards": "shards", "slices": "slices", "budget": "budget", "selection": "selection",
+                "deletion_prior": "deletion_prior", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+                "lora_rank": "lora_rank", "max_tokens": "max_tokens", "n_train": "n_train", "n_val": "n_val",
+                "n_test": "n_test", "seed": "seed", "backbone": "backbone"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -18,69 +28,94 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     from s3t_ops.sequences import SELECTIONS
 
     d = S3TConfig()
-    g = p.add_argument_group("model config (used when a state folder is created)")
-    g.add_argument("--shards", type=int, default=d.shards, help=f"m, number of shards (default {d.shards})")
-    g.add_argument("--slices", type=int, default=d.slices, help=f"L, slices per shard = LoRA groups (default {d.slices})")
-    g.add_argument("--budget", type=int, default=d.budget, help=f"B, sequences per shard (default {d.budget})")
-    g.add_argument("--selection", default=d.selection, choices=SELECTIONS, help="sequence selection (default %(default)s)")
-    g.add_argument("--deletion-prior", type=float, nargs="+", default=None, help="per-slice deletion probabilities for --selection bms")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs per stage (default {d.epochs})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of LoRA and head (default {d.lr})")
-    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"(default {d.lora_rank})")
-    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per text (default {d.max_tokens})")
-    g.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples to sample (default {d.n_train}; 0 = all)")
-    g.add_argument("--n-val", type=int, default=d.n_val, help=f"(default {d.n_val})")
-    g.add_argument("--n-test", type=int, default=d.n_test, help=f"(default {d.n_test})")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
-    g.add_argument("--backbone", default=None, help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
+    g = p.add_argument_group("model config (fixed when a state folder is created; on an existing state a flag must match it)")
+    g.add_argument("--shards", type=int, help=f"m, number of shards (default {d.shards})")
+    g.add_argument("--slices", type=int, help=f"L, slices per shard = LoRA groups (default {d.slices})")
+    g.add_argument("--budget", type=int, help=f"B, sequences per shard (default {d.budget})")
+    g.add_argument("--selection", choices=SELECTIONS, help=f"sequence selection (default {d.selection})")
+    g.add_argument("--deletion-prior", type=float, nargs="+", help="per-slice deletion probabilities for --selection bms")
+    g.add_argument("--epochs", type=int, help=f"epochs per stage (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"learning rate of LoRA and head (default {d.lr})")
+    g.add_argument("--lora-rank", type=int, help=f"LoRA rank r; alpha = 2r (default {d.lora_rank})")
+    g.add_argument("--max-tokens", type=int, help=f"tokens per text (default {d.max_tokens})")
+    g.add_argument("--n-train", type=int, help=f"training examples to sample (default {d.n_train}; 0 = all)")
+    g.add_argument("--n-val", type=int, help=f"(default {d.n_val})")
+    g.add_argument("--n-test", type=int, help=f"(default {d.n_test})")
+    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument("--backbone", help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
+
+
+def _explicit(args: argparse.Namespace) -> dict:
+    """Config fields the user gave on the command line."""
+    out = {}
+    for flag, name in CONFIG_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if name == "deletion_prior":
+            value = tuple(value)
+        if name == "n_train" and value == 0:
+            value = None
+        out[name] = value
+    if "lora_rank" in out:
+        out["lora_alpha"] = 2 * out["lora_rank"]
+    return out
 
 
 def _config(args: argparse.Namespace):
     from s3t_ops.config import S3TConfig
 
-    return S3TConfig(
-        shards=args.shards, slices=args.slices, budget=args.budget, selection=args.selection,
-        deletion_prior=tuple(args.deletion_prior) if args.deletion_prior else None, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
-        max_tokens=args.max_tokens, n_train=args.n_train or None, n_val=args.n_val, n_test=args.n_test,
-        seed=args.seed, backbone=args.backbone, state_dir=Path(args.state),
-    )
+    return S3TConfig(**{**_explicit(args), "state_dir": Path(args.state)})
+
+
+def _check_matches(cfg, args: argparse.Namespace) -> None:
+    """A config flag given for an existing state must equal what the state was created with."""
+    for name, value in _explicit(args).items():
+        have = getattr(cfg, name)
+        if name == "backbone" and value is not None and have is not None and Path(value).resolve() == Path(have).resolve():
+            continue
+        if have != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {value} differs from the state's {name}={have}; the config is fixed when a state is "
+                             f"created (use a new --state folder for another config)")
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state", default=DEFAULT_STATE, help="state folder: ledger, trunk cache, checkpoints (default: $S3T_STATE or ./s3t_state)")
+    p.add_argument("--state", default=DEFAULT_STATE, help="state folder: ledger, trunk cache, checkpoints, registry (default: $S3T_STATE or ./s3t_state)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s3t",
         description="Exact machine unlearning with S3T: train sharded, sliced, sequence-aware LoRA stages on a frozen "
-                    "transformer; honour a deletion at once by serving, per shard, the longest stage prefix that never saw it.",
+                    "transformer; honour a deletion at once by serving, per shard, the longest stage prefix that never saw it. "
+                    "Every command first repairs what an interrupted command left in the state folder.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="train on the packaged tweets, honour random deletions, retrain; writes a plot and JSON")
+    p = sub.add_parser("demo", help="train on the packaged tweets, honour random deletions, retrain; ends at the registry's champion")
     _state_arg(p)
     p.add_argument("--fresh", action="store_true", help="delete an existing state folder first")
     p.add_argument("--deletions", type=int, default=4, help="random training examples to forget, one request at a time (default 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _config_args(p)
 
-    p = sub.add_parser("train", help="ingest data into a new state folder (or reuse one) and train every missing stage")
+    p = sub.add_parser("train", help="ingest data into a new state folder (or reuse one), train every missing stage, serve and register")
     _state_arg(p)
-    p.add_argument("--source", default=None, help="CSV/Parquet with text,label[,id] columns (default: the packaged tweets)")
+    p.add_argument("--source", default=None, help="CSV/Parquet with text,label[,id] columns, UTF-8 (default: the packaged tweets)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _config_args(p)
 
-    p = sub.add_parser("forget", help="delete examples; honoured at once by a new serving plan, no training")
+    p = sub.add_parser("forget", help="delete examples: honoured at once by a new serving plan (no training), champion moved, data erased")
     _state_arg(p)
     p.add_argument("ids", nargs="*", help="example ids")
     p.add_argument("--file", help="file with one id per line, or a CSV with an `id` column")
 
-    p = sub.add_parser("status", help="data, deletions, served plan and stale stages of a state folder")
+    p = sub.add_parser("status", help="data, deletions, served plan, registry champion and stale stages of a state folder")
     _state_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--id", dest="example_id", help="say whether this example id is live, deleted (honoured, erased, retrained) or unknown")
 
     p = sub.add_parser("serve-plan", help="print the served plan (JSON): shard -> sequence, depth, checkpoint keys")
     _state_arg(p)
@@ -88,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify texts with the served ensemble")
     _state_arg(p)
     p.add_argument("texts", nargs="+")
+
+    p = sub.add_parser("repair", help="finish what an interrupted command left (every command does this first) and print what was done")
+    _state_arg(p)
 
     _unlearn_parser(sub)
     return parser
@@ -135,23 +173,37 @@ def _unlearn_parser(sub) -> None:
 
 def _read_id_file(name: str) -> list[str]:
     path = Path(name)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a file of ids")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     if path.suffix.lower() == ".csv":
+        import io
+
         import pandas as pd
 
         try:
-            frame = pd.read_csv(path, dtype=str)
+            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
         except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
-            raise ValueError(f"{path}: not a readable CSV ({exc})") from None
+            raise ValueError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[0]})") from None
         if "id" not in frame.columns:
-            raise ValueError(f"{path}: needs an `id` column")
-        return frame["id"].dropna().str.strip().tolist()
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            raise ValueError(f"{path}: needs an `id` column (found {', '.join(frame.columns) or 'none'})")
+        ids = frame["id"].str.strip()
+        blank = [i + 2 for i, v in enumerate(ids) if not v]  # +2: header line, 1-based
+        if blank:
+            raise ValueError(f"{path}: blank id on line(s) {blank[:5]}; nothing was deleted")
+        return ids.tolist()
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _read_ids(args: argparse.Namespace) -> list[str]:
-    ids = list(args.ids)
+    ids = [i.strip() for i in args.ids]
+    if any(not i for i in ids):
+        raise ValueError("an example id argument is blank; nothing was deleted")
     if args.file:
         ids += _read_id_file(args.file)
     if not ids:
@@ -159,15 +211,31 @@ def _read_ids(args: argparse.Namespace) -> list[str]:
     return ids
 
 
+def _open(state: str, progress: bool = False, warn: bool = True):
+    """The state's engine, repaired; what the repair did is reported on stderr."""
+    from s3t_ops.engine import S3T
+
+    engine = S3T.open(state, progress=progress)
+    if warn:
+        for line in engine.last_repair.actions:
+            print(f"s3t: repaired: {line}", file=sys.stderr)
+    return engine
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from s3t_ops.demo import run_demo
 
     state = Path(args.state)
+    if state.is_file():
+        raise ValueError(f"--state {state} is a file, not a folder")
     if state.exists() and any(state.iterdir()):
         if not args.fresh:
             raise FileExistsError(f"{state} already holds a state; pass --fresh to replace it or --state to choose another folder")
+        cfg = _config(args)  # validate the flags before the old state is deleted
         shutil.rmtree(state)
-    run_demo(_config(args), deletions=args.deletions, progress=not args.quiet)
+    else:
+        cfg = _config(args)
+    run_demo(cfg, deletions=args.deletions, progress=not args.quiet)
     return 0
 
 
@@ -176,88 +244,147 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     state = Path(args.state)
     if (state / "config.json").is_file():
-        engine = S3T.open(state, progress=not args.quiet)
+        if args.source:
+            raise ValueError(f"{state} is already ingested; --source applies only to a new state folder")
+        engine = _open(args.state, progress=not args.quiet)
+        _check_matches(engine.cfg, args)
         print(f"using existing state {state}")
     else:
-        engine = S3T(_config(args), progress=not args.quiet)
-        counts = engine.ingest(args.source)
-        print(f"ingested {counts}")
-    engine.build_trunk()
-    report = engine.train()
-    plan_id, plan = engine.serve()
+        if args.source and Path(args.source).is_dir():
+            raise ValueError(f"--source {args.source} is a directory; give a CSV or Parquet file")
+        engine = S3T.create(_config(args), args.source, progress=not args.quiet)
+        counts = engine.examples().groupby("split").size().to_dict()
+        print(f"ingested {counts} into {state}")
+    report = engine.fit()
+    plan = engine.served_plan()
+    version = engine.ledger.publication(engine.served()[0])[1]
+    if report.discarded:
+        print(f"discarded {report.discarded} stage(s) trained on data deleted meanwhile (never recorded; retrained on the new data)")
     print(f"trained {len(report.trained)} stages, reused {report.reused}, in {report.seconds:.1f}s; "
-          f"served plan {plan_id}: {[(c.shard, c.seq, c.depth) for c in plan.choices]}; test accuracy {engine.evaluate('test'):.3f}")
+          f"served plan {engine.served()[0]}: {[(c.shard, c.seq, c.depth) for c in plan.choices]}"
+          + (f"; registry champion = version {version}" if version is not None else "")
+          + f"; test accuracy {engine.evaluate('test'):.3f}")
     return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from s3t_ops.engine import S3T
-
-    engine = S3T.open(args.state, progress=False)
     ids = _read_ids(args)
+    engine = _open(args.state)
     f = engine.forget(ids)
     print(f"forgot {len(f.new)} example(s)" + (f"; {len(f.already)} were already forgotten" if f.already else ""))
-    print(f"honoured by plan {f.plan_id} in {f.honour_seconds * 1000:.0f} ms with 0 gradient steps; "
-          f"erased cached states and {f.purged_checkpoints} stale checkpoint(s) in {f.erase_seconds * 1000:.0f} ms")
+    if f.plan is None:
+        print("no plan served yet: nothing to switch (train first)")
+        return 0
+    print(f"honoured by plan {f.plan_id} in {f.honour_seconds * 1000:.0f} ms with 0 gradient steps"
+          + (f"; registry champion -> version {f.model_version} {f.publish_seconds * 1000:.0f} ms later" if f.model_version else ""))
+    print(f"erased cached states, slice files and registry copies, and {f.purged_checkpoints} stale checkpoint(s), "
+          f"in {f.erase_seconds * 1000:.0f} ms")
     print(f"served (shard, sequence, depth): {[(c.shard, c.seq, c.depth) for c in f.plan.choices]}; dead shards: {list(f.plan.dead_shards)}")
     print(f"{len(engine.missing_stages())} stage(s) await retraining (`s3t train --state {args.state}`)")
     return 0
 
 
-def status_dict(state: str) -> dict:
-    from s3t_ops.engine import S3T
-
-    engine = S3T.open(state, progress=False)
+def status_dict(state: str, example_id: str | None = None) -> dict:
+    engine = _open(state, warn=False)
     served = engine.served()
     dels = engine.ledger.deletions()
-    counts = engine.ledger.examples().groupby("split").size().to_dict()
+    counts = engine.examples().groupby("split").size().to_dict()
     missing = engine.missing_stages()
-    return {
+    out = {
         "state": str(state), "config": engine.cfg.to_dict(), "examples": {k: int(v) for k, v in counts.items()},
         "sequences": [list(p) for p in engine.sequences],
         "deletions": {"total": len(dels), "honoured": int(dels["honoured_at"].notna().sum()),
-                      "retrained": int(dels["retrained_at"].notna().sum())},
+                      "erased": int(dels["erased_at"].notna().sum()), "retrained": int(dels["retrained_at"].notna().sum())},
         "served_plan": None if served is None else {"plan_id": served[0], **served[1]["plan"]},
+        "registry": {"version": engine.ledger.publication(served[0])[1] if served else None,
+                     **{k: v for k, v in engine.publisher.describe().items()}},
         "stages": {"total": len({s.key for s in engine.stage_specs()}), "awaiting_retraining": len(missing)},
+        "repaired": engine.last_repair.actions,
     }
+    if example_id is not None:
+        out["example"] = example_state(engine, example_id)
+    return out
+
+
+def example_state(engine, example_id: str) -> dict:
+    live = engine.examples()
+    row = live[live["id"] == example_id]
+    if len(row):
+        r = row.iloc[0]
+        return {"id": example_id, "state": "live", "split": r["split"],
+                **({"shard": int(r["shard"]), "slice": int(r["slice"])} if r["split"] == "train" else {})}
+    tomb = engine.ledger.tombstone(example_id)
+    dels = engine.ledger.deletions()
+    hit = dels[dels["tombstone"] == tomb]
+    if not len(hit):
+        return {"id": example_id, "state": "unknown"}
+    d = hit.iloc[0]
+    return {"id": example_id, "state": "deleted", "tombstone": tomb,
+            **{k: (None if pd_isna(d[k]) else str(d[k])) for k in ("requested_at", "honoured_at", "erased_at", "retrained_at")},
+            "honoured_by_plan": None if pd_isna(d["honoured_by_plan"]) else int(d["honoured_by_plan"])}
+
+
+def pd_isna(v) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(v))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    s = status_dict(args.state)
+    s = status_dict(args.state, args.example_id)
     if args.json:
         print(json.dumps(s, indent=2, default=str))
         return 0
+    for line in s["repaired"]:
+        print(f"repaired: {line}")
     c = s["config"]
     print(f"state {s['state']}: m={c['shards']} shards, L={c['slices']} slices, B={c['budget']} ({c['selection']}) sequences {s['sequences']}")
     print(f"examples: {s['examples']}")
     d = s["deletions"]
-    print(f"deletions: {d['total']} requested, {d['honoured']} honoured, {d['retrained']} retrained")
+    print(f"deletions: {d['total']} requested, {d['honoured']} honoured, {d['erased']} erased, {d['retrained']} retrained")
     plan = s["served_plan"]
     if plan:
         choices = ", ".join(f"shard {ch['shard']}: seq {ch['seq']} depth {ch['depth']}" for ch in plan["choices"])
         print(f"served plan {plan['plan_id']}: {choices or 'no live shard'}")
+    reg = s["registry"]
+    if reg.get("kind") == "mlflow":
+        print(f"registry: {reg.get('tracking_uri') or 'MLflow store in the state folder'}, model {reg['model_name']}, "
+              f"champion = version {reg['version']}")
     print(f"stages: {s['stages']['total']} total, {s['stages']['awaiting_retraining']} awaiting retraining")
+    if "example" in s:
+        e = s["example"]
+        print(f"example {e['id']}: {e['state']}" + (f" (honoured by plan {e['honoured_by_plan']} at {e['honoured_at']}; "
+              f"erased {e['erased_at'] or 'not yet'}; retrained {e['retrained_at'] or 'not yet'})" if e["state"] == "deleted" else ""))
     return 0
 
 
 def cmd_serve_plan(args: argparse.Namespace) -> int:
-    from s3t_ops.engine import S3T
-
-    served = S3T.open(args.state, progress=False).served()
+    engine = _open(args.state)
+    served = engine.served()
     if served is None:
         raise RuntimeError("no plan served yet; run `s3t train` first")
+    for keys in served[1]["checkpoints"].values():  # every served file is checked against its ledger hash
+        for k in keys:
+            engine.store.read(k, engine.checkpoint_rows()[k]["sha256"])
     print(json.dumps({"plan_id": served[0], **served[1]}, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from s3t_ops.engine import S3T
-
-    engine = S3T.open(args.state, progress=False)
+    engine = _open(args.state)
     labels, probs = engine.ensemble().predict(args.texts)
     names = engine.label_names
     for text, y, p in zip(args.texts, labels.tolist(), probs.tolist()):
         print(json.dumps({"text": text, "label": names[y], "probabilities": dict(zip(names, [round(x, 4) for x in p]))}))
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    engine = _open(args.state, warn=False)
+    for line in engine.last_repair.actions:
+        print(f"repaired: {line}")
+    if not engine.last_repair.actions:
+        print(f"{args.state}: nothing to repair")
     return 0
 
 
@@ -315,27 +442,31 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"unlearn": cmd_unlearn, "demo": cmd_demo, "train": cmd_train, "forget": cmd_forget, "status": cmd_status,
-            "serve-plan": cmd_serve_plan, "predict": cmd_predict}
+            "serve-plan": cmd_serve_plan, "predict": cmd_predict, "repair": cmd_repair}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from s3t_ops.backbone import BackboneError
+    from s3t_ops.model_dir import BackboneError
+    from s3t_ops.checkpoints import IntegrityError
     from s3t_ops.config import ConfigError
     from s3t_ops.data import DataError
     from s3t_ops.engine import StateError
-    from s3t_ops.ensemble import NoLiveShardError
-    from s3t_ops.ledger import UnknownExampleError
+    from s3t_ops.planner import NoLiveShardError
+    from s3t_ops.ledger import LedgerError, UnknownExampleError
+    from s3t_ops.publish import PublishError
 
-    known = (ConfigError, DataError, StateError, UnknownExampleError, BackboneError, NoLiveShardError,
-             FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+    known = (ConfigError, DataError, StateError, LedgerError, UnknownExampleError, BackboneError, NoLiveShardError,
+             IntegrityError, PublishError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+             PermissionError, ValueError, RuntimeError)
     try:
         return COMMANDS[args.command](args)
     except known as exc:
-        print(f"s3t: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"s3t: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("s3t: interrupted; completed steps are kept in the state folder", file=sys.stderr)
+        print("s3t: interrupted; completed steps are kept and the next command finishes the rest", file=sys.stderr)
         return 130
 
 

@@ -90,8 +90,10 @@ class S3TConfig:
         if not self.lora_targets:
             raise ConfigError("lora_targets", "name at least one module (e.g. query, value)")
 
-    def check_backbone(self, n_blocks: int) -> None:
-        """Fail early, naming the field, when the backbone cannot hold one group per slice."""
+    def check_backbone(self, n_blocks: int, max_positions: int | None = None) -> None:
+        """Fail early, naming the field, when the backbone cannot hold one group per slice or the tokens."""
+        if max_positions is not None and self.max_tokens > max_positions:
+            raise ConfigError("max_tokens", f"{self.max_tokens} exceeds the backbone's {max_positions} positions")
         if self.slices > n_blocks:
             raise ConfigError("slices", f"L={self.slices} groups need at least {self.slices} transformer blocks; the backbone has {n_blocks}")
         if self.slices > n_blocks - self.frozen_blocks:

@@ -1,38 +1,59 @@
-"""The S3T operations that both doors (CLI and Dagster assets) call: ingest, trunk, train, plan, forget, evaluate.
+"""The S3T lifecycle that every door calls: create/open (with repair), fit, forget, retrain.
 
-State lives in one folder (`cfg.state_dir`): config.json, ledger.duckdb, trunk/ (cached frozen hidden
-states, per training slice), checkpoints/ (content-addressed stage checkpoints).
+One flow, many doors: the CLI, the Dagster assets, the demo, the baselines' S3T wrapper and the
+benchmarks each make one call here, and the engine reports what happened to its publisher (the
+MLflow registry by default: `stage_trained`, `plan_served`), so every door leaves the same ledger,
+files and registry.
+
+State lives in one folder (`cfg.state_dir`): config.json, secret.key (tombstone key), ledger.duckdb,
+trunk/ (cached frozen hidden states per training slice, plus val/test), slices/ (live members per
+slice as Parquet, for the pipeline), checkpoints/ (content-addressed stage checkpoints), mlflow.db
+and mlartifacts/ (the default registry), memorization/ (approximate unlearning artifacts).
+
+Crash safety (docs/lifecycle.md): honouring is one ledger transaction; everything after it
+(publishing, erasure, purging) is an idempotent step driven by the ledger, which `open` resumes.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
-from s3t_ops.backbone import Backbone
-from s3t_ops.checkpoints import CheckpointStore, root_key, stage_key, stage_seed
+from s3t_ops.checkpoints import CheckpointStore, IntegrityError, root_key, stage_key, stage_seed
 from s3t_ops.config import ConfigError, S3TConfig
-from s3t_ops.data import build_dataset, load_source
-from s3t_ops.ensemble import Ensemble, ShardModel
-from s3t_ops.ledger import Ledger
+from s3t_ops.faults import crash_point
+from s3t_ops.files import write_json
+from s3t_ops.ledger import Ledger, LedgerError, now
 from s3t_ops.partition import assign, slice_version
 from s3t_ops.planner import ServingPlan, serving_plan
+from s3t_ops.publish import Publisher, default_publisher, settings_from_env
 from s3t_ops.sequences import select_sequences
-from s3t_ops.stages import train_stage
-from s3t_ops.trunk import TrunkCache, compute_trunk
+from s3t_ops.tombstones import Keyring
+
+if TYPE_CHECKING:
+    import torch
+
+    from s3t_ops.backbone import Backbone
+    from s3t_ops.ensemble import Ensemble
+    from s3t_ops.trunk import TrunkCache
 
 CONFIG_FILE = "config.json"
+CREATING = ".creating-"
 
 
 class StateError(RuntimeError):
     """The state folder is missing, already used, or inconsistent."""
+
+
+class StaleStage(StateError):
+    """A stage's data or parent changed (a deletion) since its spec was computed: recompute what is missing."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +65,7 @@ class StageSpec:
     prefix: tuple[int, ...]
     key: str
     parent_key: str | None
-    slice_version: str
+    prefix_versions: tuple[str, ...]  # data version of each slice of the prefix
     seed: int
 
     @property
@@ -55,11 +76,17 @@ class StageSpec:
     def slice(self) -> int:
         return self.prefix[-1]
 
+    @property
+    def slice_version(self) -> str:
+        return self.prefix_versions[-1]
+
 
 @dataclass
 class TrainReport:
     trained: list[StageSpec] = field(default_factory=list)
     reused: int = 0
+    discarded: int = 0  # trained on data deleted meanwhile: never recorded
+    skipped: int = 0  # found stale before training (a deletion came in): recomputed
     grad_example_steps: int = 0
     seconds: float = 0.0
 
@@ -69,12 +96,22 @@ class ForgetReport:
     new: tuple[str, ...]
     already: tuple[str, ...]
     dirty: tuple[tuple[int, int], ...]
-    plan_id: int
-    plan: ServingPlan
-    honour_seconds: float  # request received -> new plan recorded
-    erase_seconds: float  # cached hidden states rewritten, stale checkpoints deleted
+    plan_id: int | None
+    plan: ServingPlan | None
+    honour_seconds: float  # request received -> new plan committed in the ledger
+    publish_seconds: float  # -> registry champion moved (0 without a registry)
+    erase_seconds: float  # cached states, slice files, memorization, registry, ledger bytes; stale checkpoints
     purged_checkpoints: int
+    model_version: int | None = None
     grad_example_steps: int = 0  # honouring never trains
+
+
+@dataclass
+class RepairReport:
+    actions: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.actions)
 
 
 def _slice_file(shard: int, slc: int) -> str:
@@ -82,32 +119,101 @@ def _slice_file(shard: int, slc: int) -> str:
 
 
 class S3T:
-    def __init__(self, cfg: S3TConfig, backbone: Backbone | None = None, progress: bool = True):
+    """One S3T model over one state folder. Build it with `create`, `open` or `open_or_create`."""
+
+    def __init__(self, cfg: S3TConfig, backbone: "Backbone | None" = None, progress: bool = True,
+                 publisher: Publisher | None = None):
         self.cfg = cfg
         self.root = Path(cfg.state_dir)
         self.ledger = Ledger(self.root / "ledger.duckdb")
         self.store = CheckpointStore(self.root / "checkpoints")
         self.trunk_dir = self.root / "trunk"
         self._backbone = backbone
-        self._trunks: dict[str, TrunkCache] = {}
+        self._trunks: dict[str, tuple[tuple[int, int], "TrunkCache"]] = {}
         self.progress = progress
+        self._publisher = publisher
         self._label_names: list[str] | None = None
         self._backbone_fp: str | None = None
+        self._rows: dict[str, dict] | None = None
+        self.tags: dict[str, str] = {}  # added to registry runs and versions (e.g. the Dagster run id)
         self.sequences = select_sequences(cfg.selection, cfg.slices, cfg.budget, cfg.deletion_prior)
 
-    # --- state ------------------------------------------------------------------------------
+    # --- lifecycle: create / open -------------------------------------------------------------
     @classmethod
-    def open(cls, state_dir: str | Path, backbone: Backbone | None = None, progress: bool = True) -> "S3T":
-        path = Path(state_dir) / CONFIG_FILE
+    def create(cls, cfg: S3TConfig, source: str | Path | None = None, publisher: Publisher | None = None,
+               backbone: "Backbone | None" = None, progress: bool = True) -> "S3T":
+        """Ingest into a NEW state folder. The folder appears only when ingest succeeded: it is built
+        under a hidden sibling name and renamed into place, so a failure leaves nothing behind."""
+        from s3t_ops.model_dir import backbone_shape
+
+        root = Path(cfg.state_dir)
+        if root.is_file():
+            raise StateError(f"--state {root} is a file, not a folder")
+        if root.exists() and any(root.iterdir()):
+            raise StateError(f"{root} already holds files; choose another --state folder or remove it")
+        cfg.check_backbone(*backbone_shape(cfg))  # before anything is written
+        parent = root.resolve().parent
+        if not parent.is_dir():
+            raise StateError(f"cannot create {root}: {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise StateError(f"cannot create {root}: permission denied in {parent}")
+        _remove_abandoned_creations(parent, root.name)
+        tmp = parent / f".{root.name}{CREATING}{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            engine = cls(cfg.replace(state_dir=tmp), backbone=backbone, progress=progress, publisher=publisher)
+            engine._ingest(source)
+            crash_point("during_ingest")
+            if root.exists():
+                root.rmdir()  # empty: checked above
+            os.rename(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(root, backbone=backbone, progress=progress, publisher=publisher)
+
+    @classmethod
+    def open(cls, state_dir: str | Path, backbone: "Backbone | None" = None, progress: bool = True,
+             publisher: Publisher | None = None, repair: bool = True) -> "S3T":
+        """Open an existing state; first repair what a crash left (see `repair`)."""
+        root = Path(state_dir)
+        if root.is_file():
+            raise StateError(f"--state {root} is a file, not a folder")
+        path = root / CONFIG_FILE
         if not path.is_file():
-            raise StateError(f"no S3T state in {state_dir} (missing {CONFIG_FILE}); run `s3t demo` or `s3t train` first")
-        data = json.loads(path.read_text())
-        data["state_dir"] = str(state_dir)
-        return cls(S3TConfig.from_dict(data), backbone, progress)
+            raise StateError(f"no S3T state in {root} (missing {CONFIG_FILE}); run `s3t demo` or `s3t train` first")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{path} is damaged ({exc})") from None
+        data["state_dir"] = str(root)
+        engine = cls(S3TConfig.from_dict(data), backbone, progress, publisher)
+        engine.ledger.check()  # a damaged ledger is reported before anything writes to it
+        engine.publisher  # resolve the registry now: a misconfiguration fails before any write
+        if repair:
+            engine.last_repair = engine.repair()
+        return engine
+
+    @classmethod
+    def open_or_create(cls, cfg: S3TConfig, source: str | Path | None = None, **kwargs) -> "S3T":
+        if (Path(cfg.state_dir) / CONFIG_FILE).is_file():
+            return cls.open(cfg.state_dir, **kwargs)
+        return cls.create(cfg, source, **kwargs)
+
+    last_repair: RepairReport = RepairReport()
 
     @property
-    def backbone(self) -> Backbone:
+    def publisher(self) -> Publisher:
+        if self._publisher is None:
+            self._publisher = default_publisher(self)
+        return self._publisher
+
+    @property
+    def backbone(self) -> "Backbone":
         if self._backbone is None:
+            from s3t_ops.backbone import Backbone
+
             self._backbone = Backbone(self.cfg)
         return self._backbone
 
@@ -117,14 +223,16 @@ class S3T:
             self._label_names = list(self.ledger.get_meta("label_names"))
         return self._label_names
 
-    def _bar(self, total: int, desc: str, unit: str = "ex") -> tqdm:
+    def _bar(self, total: int, desc: str, unit: str = "ex"):
+        from tqdm.auto import tqdm
+
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, leave=False, dynamic_ncols=True)
 
     # --- ingest -----------------------------------------------------------------------------
-    def ingest(self, source: str | Path | None = None) -> dict[str, int]:
-        """Read the source, assign (shard, slice) and write the ledger; the config file is written last."""
-        if (self.root / CONFIG_FILE).exists() or self.ledger.exists():
-            raise StateError(f"{self.root} already holds an S3T state; choose another --state folder or remove it")
+    def _ingest(self, source: str | Path | None) -> dict[str, int]:
+        """Read the source, assign (shard, slice), write the ledger, the tombstone key and config.json."""
+        from s3t_ops.data import build_dataset, load_source
+
         ds = build_dataset(load_source(source), self.cfg.n_train, self.cfg.n_val, self.cfg.n_test, self.cfg.seed)
         frame = ds.frame.copy()
         n_train = int((frame["split"] == "train").sum())
@@ -137,19 +245,37 @@ class S3T:
             (int(a), int(b)) for a, b in zip(frame["shard"].dropna(), frame["slice"].dropna())}
         if empty:
             raise ConfigError("shards", f"{len(empty)} slice(s) would be empty with {n_train} training examples; use fewer shards or slices")
-        try:
-            self.ledger.init()
-            self.ledger.add_examples(frame)
-            self.ledger.set_meta("label_names", list(ds.label_names))
-            self.ledger.set_meta("source", str(source or "tweets"))
-        except BaseException:
-            self.ledger.path.unlink(missing_ok=True)
-            raise
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        os.replace(tmp, self.root / CONFIG_FILE)
-        return frame["split"].value_counts().to_dict()
+        self.ledger._keyring = Keyring.create(self.root)
+        self.ledger.create()
+        self.ledger.add_examples(frame)
+        self.ledger.set_meta("label_names", list(ds.label_names))
+        self.ledger.set_meta("source", str(source or "tweets"))
+        self.ledger.set_meta("registry", self._publisher.describe() if self._publisher is not None else settings_from_env())
+        write_json(self.root / CONFIG_FILE, {k: v for k, v in self.cfg.to_dict().items() if k != "state_dir"})
+        return {k: int(v) for k, v in frame["split"].value_counts().items()}
+
+    # --- data view --------------------------------------------------------------------------
+    def examples(self, split: str | None = None) -> pd.DataFrame:
+        """Live examples: id, text, label, split, shard, slice."""
+        return self.ledger.examples(split)
+
+    def labels(self, ids: list[str]) -> "torch.Tensor":
+        """Label tensor of live examples, in the order given."""
+        import torch
+
+        if not hasattr(self, "_label_map") or any(i not in self._label_map for i in ids):
+            ex = self.ledger.examples()
+            self._label_map = dict(zip(ex["id"], ex["label"].astype(int)))
+        missing = [i for i in ids if i not in self._label_map]
+        if missing:
+            raise StateError(f"{len(missing)} example(s) are not live: {missing[:3]}")
+        return torch.tensor([self._label_map[i] for i in ids], dtype=torch.long)
+
+    def resolve(self, ids_or_texts: Iterable[str]) -> list[str]:
+        """Ids as given, except exact texts of live examples, which become their ids (the UI's forget)."""
+        values = [str(v) for v in ids_or_texts]
+        by_text = self.ledger.find(values)
+        return [by_text.get(v, v) for v in values]
 
     # --- trunk ------------------------------------------------------------------------------
     def _trunk_path(self, name: str) -> Path:
@@ -157,6 +283,8 @@ class S3T:
 
     def build_trunk(self, slices: Iterable[tuple[int, int]] | None = None, eval_splits: bool = True) -> int:
         """Compute the frozen hidden states of live examples not cached yet (all slices, or the ones named)."""
+        from s3t_ops.trunk import compute_trunk
+
         wanted = None if slices is None else set(slices)
         todo: list[tuple[str, pd.DataFrame]] = []
         train = self.ledger.examples("train")
@@ -172,63 +300,43 @@ class S3T:
             for name, part in todo:
                 cache = compute_trunk(self.backbone, part["id"].tolist(), part["text"].tolist(), progress=bar.update)
                 cache.save(self._trunk_path(name))
-                self._trunks.pop(name, None)
         return total
 
-    def materialize_slice(self, shard: int, slc: int) -> dict:
-        """One slice's live members as Parquet (training reads files, not the ledger) plus its trunk cache."""
-        self.build_trunk(slices=[(shard, slc)], eval_splits=False)
-        train = self.ledger.examples("train")
-        members = train[(train["shard"] == shard) & (train["slice"] == slc)][["id", "label"]].reset_index(drop=True)
-        path = self._slice_parquet(shard, slc)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        members.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-        cached = set(self.slice_trunk(shard, slc).ids)
-        return {"shard": shard, "slice": slc, "version": slice_version(members["id"]), "n_live": len(members),
-                "path": str(path), "trunk_rows": len(cached), "ids": set(members["id"])}
+    def trunk(self, name: str) -> "TrunkCache":
+        """A cached trunk file, reloaded when erasure (maybe in another process) rewrote it."""
+        from s3t_ops.trunk import TrunkCache
 
-    def _slice_parquet(self, shard: int, slc: int) -> Path:
+        path = self._trunk_path(name)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise StateError(f"trunk cache {path} is missing; run the trunk step first") from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        hit = self._trunks.get(name)
+        if hit is None or hit[0] != stamp:
+            self._trunks[name] = (stamp, TrunkCache.load(path))
+        return self._trunks[name][1]
+
+    def slice_trunk(self, shard: int, slc: int) -> "TrunkCache":
+        return self.trunk(_slice_file(shard, slc))
+
+    def slice_parquet(self, shard: int, slc: int) -> Path:
         return self.root / "slices" / f"s{shard}-j{slc}.parquet"
 
-    def _prefix_labels(self, shard: int, prefix: tuple[int, ...], ids: list[str]) -> torch.Tensor:
-        """Labels from the slices' Parquet files when the pipeline wrote them (no ledger connection while
-        training under a multiprocess executor), else from the ledger."""
-        paths = [self._slice_parquet(shard, j) for j in prefix]
-        if not all(p.is_file() for p in paths):
-            return self._labels(ids)
-        frame = pd.concat([pd.read_parquet(p) for p in paths])
-        label = dict(zip(frame["id"], frame["label"].astype(int)))
-        missing = [i for i in ids if i not in label]
-        if missing:
-            raise StateError(f"slice files of shard {shard} lack {len(missing)} cached example(s); re-materialize slice_data")
-        return torch.tensor([label[i] for i in ids], dtype=torch.long)
+    def materialize_slice(self, shard: int, slc: int) -> dict:
+        """One slice's live members as Parquet (the pipeline's slice_data) plus its trunk cache."""
+        from s3t_ops.files import write_atomic
 
-    def materialize_stage(self, shard: int, seq: int, stage: int, on_batch=None) -> tuple[dict, bool]:
-        """Stage `stage` of (shard, seq) under the current data: (checkpoint row, reused?)."""
-        spec = next((x for x in self.stage_specs() if (x.shard, x.seq, x.stage) == (shard, seq, stage)), None)
-        if spec is None:
-            raise StateError(f"no stage {stage} of sequence {seq} in shard {shard} for this config")
-        rows = self._checkpoint_rows()
-        if spec.key in rows and self.store.exists(spec.key):
-            return dict(rows[spec.key]), True
-        return self.train_one(spec, on_batch=on_batch), False
-
-    def trunk(self, name: str) -> TrunkCache:
-        if name not in self._trunks:
-            path = self._trunk_path(name)
-            if not path.is_file():
-                raise StateError(f"trunk cache {path} is missing; run the trunk step first")
-            self._trunks[name] = TrunkCache.load(path)
-        return self._trunks[name]
-
-    def slice_trunk(self, shard: int, slc: int) -> TrunkCache:
-        return self.trunk(_slice_file(shard, slc))
+        self.build_trunk(slices=[(shard, slc)], eval_splits=False)
+        members = self.ledger.members(shard, slc)
+        path = self.slice_parquet(shard, slc)
+        write_atomic(path, lambda tmp: members.to_parquet(tmp, index=False))
+        return {"shard": shard, "slice": slc, "version": slice_version(members["id"]), "n_live": len(members),
+                "path": str(path), "trunk_rows": len(self.slice_trunk(shard, slc)), "ids": set(members["id"])}
 
     # --- stages -----------------------------------------------------------------------------
     def stage_specs(self, versions: dict[tuple[int, int], str] | None = None) -> list[StageSpec]:
-        """Every (shard, sequence, stage) under the current slice versions, ordered stage by stage."""
+        """Every (shard, sequence, stage) under the given (default: current) slice versions, stage by stage."""
         versions = versions or self.ledger.slice_versions(self.cfg.shards, self.cfg.slices)
         n_labels = len(self.label_names)
         specs = []
@@ -238,107 +346,180 @@ class S3T:
                 parent = root
                 for k in range(1, self.cfg.slices + 1):
                     prefix = tuple(perm[:k])
-                    v = versions[(s, prefix[-1])]
-                    key = stage_key(parent, prefix[-1], v, k)
-                    specs.append(StageSpec(s, q, prefix, key, None if k == 1 else parent, v, stage_seed(self.cfg.seed, s, prefix)))
+                    pv = tuple(versions[(s, j)] for j in prefix)
+                    key = stage_key(parent, prefix[-1], pv[-1], k)
+                    specs.append(StageSpec(s, q, prefix, key, None if k == 1 else parent, pv, stage_seed(self.cfg.seed, s, prefix)))
                     parent = key
         return sorted(specs, key=lambda x: (x.stage, x.shard, x.seq))
 
     def backbone_fingerprint(self) -> str:
         """Recorded at first use, so later commands need not load the backbone to compute keys."""
         if self._backbone_fp is None:
-            fp = self.ledger.get_meta("backbone_fingerprint") if self.ledger.exists() else None
+            fp = self.ledger.get_meta("backbone_fingerprint")
             if fp is None:
-                fp = self.backbone.fingerprint
+                from s3t_ops.model_dir import backbone_fingerprint
+
+                fp = backbone_fingerprint(self.cfg)
                 self.ledger.set_meta("backbone_fingerprint", fp)
             self._backbone_fp = str(fp)
         return self._backbone_fp
 
-    def missing_stages(self) -> list[StageSpec]:
-        """Stages whose content key has no checkpoint (deduplicated: shared prefixes train once)."""
+    def checkpoint_rows(self, con=None) -> dict[str, dict]:
+        """Live checkpoint rows by key (cached until this engine writes the ledger)."""
+        if con is not None or self._rows is None:
+            rows = self.ledger.checkpoints(con=con).astype(object)
+            rows = rows.where(rows.notna(), None)
+            out = {r["key"]: r for r in rows.to_dict("records")}
+            if con is not None:
+                return out
+            self._rows = out
+        return self._rows
+
+    def _forget_cache(self) -> None:
+        self._rows = None
+
+    def _intact(self, key: str, rows: dict[str, dict]) -> bool:
+        return key in rows and self.store.intact(key, rows[key]["sha256"])
+
+    def missing_stages(self, versions=None, rows=None) -> list[StageSpec]:
+        """Stages without an intact checkpoint under the current data (deduplicated: shared prefixes train once)."""
+        rows = self.checkpoint_rows() if rows is None else rows
         seen, out = set(), []
-        for spec in self.stage_specs():
-            if spec.key not in seen and not self.store.exists(spec.key):
+        for spec in self.stage_specs(versions):
+            if spec.key not in seen and not self._intact(spec.key, rows):
                 out.append(spec)
             seen.add(spec.key)
         return out
 
-    def train_one(self, spec: StageSpec, on_batch=None) -> dict:
-        """Train and store one stage checkpoint (its parent must exist)."""
-        parents = []
-        key = spec.parent_key
-        chain = []
+    def _stale_in(self, con) -> bool:
+        versions = self.ledger.slice_versions(self.cfg.shards, self.cfg.slices, con=con)
+        return bool(self.missing_stages(versions, self.checkpoint_rows(con)))
+
+    def train_one(self, spec: StageSpec, on_batch=None) -> dict | None:
+        """Train and record one stage. StaleStage before training when its data or parent changed since the
+        spec was computed; None when that happened during training (the weights are discarded, nothing recorded)."""
+        from s3t_ops.checkpoints import canonical_bytes
+        from s3t_ops.files import sha256_file, tmp_path, write_atomic
+        from s3t_ops.stages import train_stage
+        from s3t_ops.trunk import TrunkCache
+
+        rows = self.checkpoint_rows()
+        chain, key = [], spec.parent_key
         while key is not None:
+            if not self._intact(key, rows):
+                raise StaleStage(f"the parent checkpoint of stage {spec.stage} (shard {spec.shard}) is gone")
             chain.append(key)
-            row = self._checkpoint_rows().get(key)
-            if row is None:
-                raise StateError(f"parent checkpoint {key} of stage {spec.stage} (shard {spec.shard}) is missing; train earlier stages first")
-            key = row["parent_key"]
-        parents = [self.store.load(k) for k in reversed(chain)]
-        trunk = TrunkCache.concat([self.slice_trunk(spec.shard, j) for j in spec.prefix])
-        labels = self._prefix_labels(spec.shard, spec.prefix, trunk.ids)
+            key = rows[key]["parent_key"]
+        try:
+            parents = [self.store.load(k, rows[k]["sha256"]) for k in reversed(chain)]
+        except IntegrityError as exc:
+            raise StaleStage(str(exc)) from None
+        parts, ids, labels = [], [], []
+        for j, version in zip(spec.prefix, spec.prefix_versions):
+            members = self.ledger.members(spec.shard, j)
+            if slice_version(members["id"]) != version:
+                raise StaleStage(f"slice {j} of shard {spec.shard} changed (a deletion) after the stage was planned")
+            try:
+                parts.append(self.slice_trunk(spec.shard, j).subset(members["id"].tolist()))
+            except (KeyError, StateError):  # cache missing or behind the ledger: rebuild this slice
+                self._trunk_path(_slice_file(spec.shard, j)).unlink(missing_ok=True)
+                self.build_trunk(slices=[(spec.shard, j)], eval_splits=False)
+                parts.append(self.slice_trunk(spec.shard, j).subset(members["id"].tolist()))
+            ids += members["id"].tolist()
+            labels += members["label"].astype(int).tolist()
+        trunk = TrunkCache.concat(parts)
+        import torch
+
         val = self.trunk("val.safetensors")
-        result = train_stage(self.backbone, trunk, trunk.ids, labels, spec.stage, parents, spec.seed,
-                             len(self.label_names), val=(val, self._labels(val.ids)), on_batch=on_batch)
-        path = self.store.save(spec.key, result.state, metadata={"shard": str(spec.shard), "prefix": "-".join(map(str, spec.prefix))})
+        started = now()
+        result = train_stage(self.backbone, trunk, trunk.ids, torch.tensor(labels, dtype=torch.long), spec.stage, parents,
+                             spec.seed, len(self.label_names), val=(val, self.labels(val.ids)), on_batch=on_batch)
+        final = self.store.path(spec.key)
+        tmp = tmp_path(final)
+        write_atomic(tmp, lambda t: t.write_bytes(canonical_bytes(result.state)))
         row = dict(key=spec.key, shard=spec.shard, prefix="-".join(map(str, spec.prefix)), stage=spec.stage,
-                   parent_key=spec.parent_key, slice=spec.slice, slice_version=spec.slice_version, path=str(path),
-                   n_train=len(trunk), grad_example_steps=result.grad_example_steps, steps=result.steps,
-                   val_acc=result.val_acc, seconds=result.seconds)
-        self.ledger.record_checkpoint(row)
-        self._ckpt_cache = None
-        return {**row, "epoch_losses": result.epoch_losses, "epoch_accuracies": result.epoch_accuracies}
+                   parent_key=spec.parent_key, slice=spec.slice, slice_version=spec.slice_version,
+                   prefix_versions=json.dumps(list(spec.prefix_versions)), sha256=sha256_file(tmp), n_train=len(trunk),
+                   grad_example_steps=result.grad_example_steps, steps=result.steps, val_acc=result.val_acc,
+                   seconds=result.seconds, started_at=started)
+        cells = [(spec.shard, j, v) for j, v in zip(spec.prefix, spec.prefix_versions)]
+        crash_point("before_checkpoint_record")
+        recorded = self.ledger.record_checkpoint(row, cells, place_file=lambda: os.replace(tmp, final))
+        self._forget_cache()
+        if not recorded:
+            tmp.unlink(missing_ok=True)
+            return None
+        row = {**row, "epoch_losses": result.epoch_losses, "epoch_accuracies": result.epoch_accuracies, "ended_at": now()}
+        self.publisher.stage_trained(self, row)
+        return row
 
     def train(self) -> TrainReport:
-        """Materialize every missing stage; unchanged prefixes keep their checkpoints."""
+        """Train every missing stage (unchanged prefixes keep their checkpoints). A stage whose data was
+        deleted while it trained is discarded and the new version trained instead; deletions are marked
+        retrained only once no stage awaits retraining."""
         t0 = time.perf_counter()
         report = TrainReport()
-        todo = self.missing_stages()
-        report.reused = len({s.key for s in self.stage_specs()}) - len(todo)
-        work = sum(self._n_prefix(s) * self.cfg.epochs for s in todo)
-        with self._bar(work, "training stages") as bar:
-            for spec in todo:
-                bar.set_postfix_str(f"shard {spec.shard} seq {spec.seq} stage {spec.stage}")
-                row = self.train_one(spec, on_batch=bar.update)
-                report.trained.append(spec)
-                report.grad_example_steps += row["grad_example_steps"]
-        if todo:
-            self.ledger.mark_retrained()
+        report.reused = len({s.key for s in self.stage_specs()}) - len(self.missing_stages())
+        for _round in range(5):
+            todo = self.missing_stages()
+            if not todo:
+                break
+            counts = self.ledger.slice_counts().set_index(["shard", "slice"])["n_live"].to_dict()
+            work = sum(sum(int(counts.get((s.shard, j), 0)) for j in s.prefix) * self.cfg.epochs for s in todo)
+            with self._bar(work, "training stages") as bar:
+                for spec in todo:
+                    bar.set_postfix_str(f"shard {spec.shard} seq {spec.seq} stage {spec.stage}")
+                    try:
+                        row = self.train_one(spec, on_batch=bar.update)
+                    except StaleStage:
+                        report.skipped += 1
+                        continue
+                    if row is None:
+                        report.discarded += 1
+                        continue
+                    report.trained.append(spec)
+                    report.grad_example_steps += row["grad_example_steps"]
+        else:
+            raise StateError("deletions kept invalidating the stages being trained; run `s3t train` again")
+        self.ledger.mark_retrained(self._stale_in)
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _n_prefix(self, spec: StageSpec) -> int:
-        counts = self.ledger.slice_counts().set_index(["shard", "slice"])["n_live"].to_dict()
-        return sum(int(counts.get((spec.shard, j), 0)) for j in spec.prefix)
+    def materialize_stage(self, shard: int, seq: int, stage: int, on_batch=None) -> tuple[dict, bool]:
+        """Stage `stage` of (shard, seq) under the current data: (checkpoint row, reused?). One Dagster partition."""
+        spec = next((x for x in self.stage_specs() if (x.shard, x.seq, x.stage) == (shard, seq, stage)), None)
+        if spec is None:
+            raise StateError(f"no stage {stage} of sequence {seq} in shard {shard} for this config")
+        rows = self.checkpoint_rows()
+        if self._intact(spec.key, rows):
+            return dict(rows[spec.key]), True
+        row = self.train_one(spec, on_batch=on_batch)
+        if row is None:
+            raise StateError(f"stage {stage} of shard {shard}, sequence {seq}: its data or parent changed while it trained "
+                             "(a deletion); nothing was recorded, it will retrain")
+        return row, False
 
-    _ckpt_cache: dict | None = None
+    # --- lifecycle: fit / retrain -------------------------------------------------------------
+    def fit(self) -> TrainReport:
+        """Cache the trunk, train every missing stage, serve and publish the plan."""
+        self.build_trunk()
+        report = self.train()
+        self.serve()
+        return report
 
-    def _checkpoint_rows(self) -> dict[str, dict]:
-        if self._ckpt_cache is None:
-            rows = self.ledger.checkpoints().astype(object)
-            rows = rows.where(rows.notna(), None)
-            self._ckpt_cache = {r["key"]: r for r in rows.to_dict("records")}
-        return self._ckpt_cache
-
-    def _labels(self, ids: list[str]) -> torch.Tensor:
-        if not hasattr(self, "_label_map") or any(i not in self._label_map for i in ids):
-            ex = self.ledger.examples()
-            self._label_map = dict(zip(ex["id"], ex["label"].astype(int)))
-        return torch.tensor([self._label_map[i] for i in ids], dtype=torch.long)
+    retrain = fit
 
     # --- planning and serving ---------------------------------------------------------------
-    def current_plan(self) -> tuple[ServingPlan, dict[int, list[str]]]:
-        """Longest prefix with checkpoints under the current data, per shard (ties: validation accuracy)."""
-        rows = self._checkpoint_rows()
-        specs = self.stage_specs()
+    def plan_for(self, versions: dict[tuple[int, int], str], rows: dict[str, dict]) -> tuple[ServingPlan, dict[int, list[str]]]:
+        """Longest prefix with intact checkpoints under `versions`, per shard (ties: validation accuracy)."""
         by_seq: dict[tuple[int, int], list[StageSpec]] = {}
-        for spec in sorted(specs, key=lambda x: x.stage):
+        for spec in self.stage_specs(versions):
             by_seq.setdefault((spec.shard, spec.seq), []).append(spec)
         depths, scores, keys = {}, {}, {}
         for (s, q), chain in by_seq.items():
             d = 0
             for spec in chain:
-                if spec.key not in rows or not self.store.exists(spec.key):
+                if not self._intact(spec.key, rows):
                     break
                 d = spec.stage
                 val = rows[spec.key]["val_acc"]
@@ -348,30 +529,75 @@ class S3T:
         plan = serving_plan(self.cfg.shards, depths, scores)
         return plan, {c.shard: keys[(c.shard, c.seq)] for c in plan.choices}
 
+    def current_plan(self) -> tuple[ServingPlan, dict[int, list[str]]]:
+        return self.plan_for(self.ledger.slice_versions(self.cfg.shards, self.cfg.slices), self.checkpoint_rows())
+
+    def _record(self, plan: ServingPlan, keys: dict[int, list[str]]) -> dict:
+        return {"plan": plan.to_dict(), "checkpoints": {str(s): k for s, k in keys.items()},
+                "sequences": [list(p) for p in self.sequences]}
+
+    def _plan_in(self, con) -> tuple[dict, int]:
+        """The plan under the slice versions seen by `con` (inside the honour transaction)."""
+        versions = self.ledger.slice_versions(self.cfg.shards, self.cfg.slices, con=con)
+        plan, keys = self.plan_for(versions, self.checkpoint_rows(con))
+        return self._record(plan, keys), len(plan.choices)
+
     def serve(self) -> tuple[int, ServingPlan]:
-        """Record the current plan as the served one; pending deletions are honoured by it."""
-        plan, keys = self.current_plan()
-        record = {"plan": plan.to_dict(), "checkpoints": {str(s): k for s, k in keys.items()}, "sequences": [list(p) for p in self.sequences]}
-        pid = self.ledger.record_plan(record, len(plan.choices))
-        self.ledger.mark_honoured(pid)
-        return pid, plan
+        """Record the current plan as the served one (unless it is already), then publish it."""
+        with self.ledger.transaction() as con:
+            record, n_live = self._plan_in(con)
+            latest = con.execute("SELECT plan_id, plan FROM plans ORDER BY plan_id DESC LIMIT 1").fetchall()
+            unhonoured = con.execute("SELECT count(*) FROM deletions WHERE honoured_at IS NULL").fetchall()[0][0]
+            if latest and json.loads(latest[0][1]) == json.loads(json.dumps(record)) and not unhonoured:
+                pid = int(latest[0][0])
+            else:
+                pid = self.ledger.record_plan(record, n_live, con)
+        self.publish()
+        return pid, ServingPlan.from_dict(record["plan"])
+
+    def publish(self) -> int | None:
+        """Tell the publisher about the latest plan if it has not heard of it (idempotent; resumes after a crash)."""
+        with self.ledger.locked():  # one publisher at a time: a plan gets one registry version
+            latest = self.served()
+            if latest is None:
+                return None
+            pid, record = latest
+            published_at, version = self.ledger.publication(pid)
+            if published_at is None:
+                version = self.publisher.plan_served(self, pid, record)
+                if version is not None or not self.publisher.registers:
+                    self.ledger.mark_published(pid, version)
+            return version
 
     def served(self) -> tuple[int, dict] | None:
         return self.ledger.latest_plan()
 
-    def ensemble(self, record: dict | None = None) -> Ensemble:
+    def served_plan(self) -> ServingPlan | None:
+        latest = self.served()
+        return None if latest is None else ServingPlan.from_dict(latest[1]["plan"])
+
+    def load_checkpoint(self, key: str) -> dict:
+        rows = self.checkpoint_rows()
+        if key not in rows:
+            raise IntegrityError(f"checkpoint {key} has no live ledger row (purged or never recorded)")
+        return self.store.load(key, rows[key]["sha256"])
+
+    def ensemble(self, record: dict | None = None) -> "Ensemble":
+        from s3t_ops.ensemble import Ensemble, ShardModel
+
         if record is None:
             latest = self.served()
             if latest is None:
                 raise StateError("no plan has been served yet; run training first")
             record = latest[1]
-        models = [ShardModel(int(s), len(keys), [self.store.load(k) for k in keys]) for s, keys in sorted(record["checkpoints"].items(), key=lambda x: int(x[0]))]
+        models = [ShardModel(int(s), len(keys), [self.load_checkpoint(k) for k in keys])
+                  for s, keys in sorted(record["checkpoints"].items(), key=lambda x: int(x[0]))]
         return Ensemble(self.backbone, models, len(self.label_names))
 
     def evaluate(self, split: str = "test", record: dict | None = None) -> float:
         trunk = self.trunk(f"{split}.safetensors")
         logits = self.ensemble(record).logits_from_trunk(trunk)
-        return float((logits.argmax(-1) == self._labels(trunk.ids)).float().mean())
+        return float((logits.argmax(-1) == self.labels(trunk.ids)).float().mean())
 
     def majority_accuracy(self, split: str = "test") -> float:
         train = self.ledger.examples("train")
@@ -379,58 +605,86 @@ class S3T:
         ev = self.ledger.examples(split)
         return float((ev["label"] == majority).mean())
 
-    # --- deletion ---------------------------------------------------------------------------
+    # --- lifecycle: forget ------------------------------------------------------------------
     def forget(self, ids: Iterable[str]) -> ForgetReport:
-        """Honour deletions at once: no gradient step, just a new plan over checkpoints that never saw them."""
-        t0 = time.perf_counter()
-        with self.ledger.session():  # one connection for the whole honour path
-            receipt = self.ledger.forget(ids, compact=False)
-            self._ckpt_cache = None
-            served = self.served()
-            if not receipt.new and served is not None:  # all already forgotten: the served plan honours them
-                pid, plan = served[0], ServingPlan.from_dict(served[1]["plan"])
-            else:
-                pid, plan = self.serve()
-        honour = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        self._erase(receipt.new, receipt.dirty)
-        purged = self.purge_stale()
-        return ForgetReport(receipt.new, receipt.already, receipt.dirty, pid, plan, honour, time.perf_counter() - t1, purged)
+        """Honour deletions at once (one ledger transaction: no gradient step, a new plan over checkpoints
+        that never saw them), move the registry's champion, then erase their data everywhere."""
+        from s3t_ops.erasure import erase_pending
 
-    def _erase(self, ids: Iterable[str], dirty: Iterable[tuple[int, int]]) -> None:
-        gone = set(ids)
-        if gone:
-            self.ledger.compact()  # the deleted rows' bytes leave the DuckDB file
-        names = [_slice_file(s, j) for s, j in dirty] + ["val.safetensors", "test.safetensors"]
-        for name in names:
-            path = self._trunk_path(name)
-            if path.is_file():
-                cache = self.trunk(name)
-                if gone & set(cache.ids):
-                    cache = cache.without(gone)
-                    cache.save(path)
-                    self._trunks[name] = cache
+        t0 = time.perf_counter()
+        receipt = self.ledger.honour(ids, self._plan_in)
+        self._forget_cache()
+        honour = time.perf_counter() - t0
+        version = self.publish()
+        published = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        purged = self.purge_stale()
+        erase_pending(self)
+        plan = ServingPlan.from_dict(receipt.record["plan"]) if receipt.record else None
+        return ForgetReport(receipt.new, receipt.already, receipt.dirty, receipt.plan_id, plan, honour,
+                            published - honour, time.perf_counter() - t1, purged, version)
 
     def purge_stale(self) -> int:
-        """Delete checkpoints no longer valid under the current data (their lineage holds a deleted id)."""
-        current = {s.key for s in self.stage_specs()}
-        stale = [k for k in self._checkpoint_rows() if k not in current]
-        for k in stale:
-            self.store.delete(k)
-        self.ledger.mark_purged(stale)
-        self._ckpt_cache = None
+        """Delete checkpoints no longer valid under the current data (their lineage holds a deleted id);
+        never one the latest plan serves."""
+        with self.ledger.locked():
+            current = {s.key for s in self.stage_specs()}
+            served = self.served()
+            keep = {k for keys in (served[1]["checkpoints"].values() if served else []) for k in keys}
+            stale = [k for k in self.checkpoint_rows() if k not in current and k not in keep]
+            if not stale:
+                return 0
+            self.publisher.stages_invalidated(self, stale)
+            for i, k in enumerate(stale):
+                self.store.delete(k)
+                if i == 0:
+                    crash_point("during_purge")
+            self.ledger.mark_purged(stale, "stale: trained on a deleted example")
+            self._forget_cache()
         return len(stale)
 
+    def deletions_after(self, seen: int) -> tuple[int, list[tuple[int, int]]]:
+        """(deletion requests so far, training cells touched by those after the first `seen`): deletions are
+        append-only, so a count is a cursor (the Dagster deletion sensor's)."""
+        dels = self.ledger.deletions()
+        new = dels.iloc[seen:]
+        cells = sorted({(int(r.shard), int(r.slice)) for r in new.itertuples() if r.split == "train"})
+        return len(dels), cells
+
     def audit(self, record: dict | None = None) -> dict[str, set[str]]:
-        """Exactness audit: served checkpoint key -> deleted ids in its lineage (empty dict = exact)."""
+        """Exactness audit: served checkpoint key -> tombstones of deleted examples in its lineage ({} = exact)."""
         if record is None:
             latest = self.served()
             record = latest[1] if latest else {"checkpoints": {}}
-        deleted = self.ledger.deleted_ids()
+        deleted = self.ledger.deleted()
         bad = {}
         for keys in record["checkpoints"].values():
             for k in keys:
-                hit = self.ledger.lineage_ids(k) & deleted
+                hit = self.ledger.lineage(k) & deleted
                 if hit:
                     bad[k] = hit
         return bad
+
+    # --- repair -----------------------------------------------------------------------------
+    def repair(self) -> RepairReport:
+        from s3t_ops.repair import repair
+
+        return repair(self)
+
+
+def _remove_abandoned_creations(parent: Path, name: str) -> None:
+    """Hidden folders of creations whose process died (a crash during ingest)."""
+    for p in parent.glob(f".{name}{CREATING}*"):
+        pid = p.name.rsplit(CREATING, 1)[-1]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+
+
+__all__ = ["S3T", "StageSpec", "TrainReport", "ForgetReport", "RepairReport", "StateError", "LedgerError"]

@@ -9,12 +9,9 @@ from torch import nn
 
 from s3t_ops.backbone import Backbone
 from s3t_ops.checkpoints import split_state
+from s3t_ops.planner import NoLiveShardError  # noqa: F401  (re-exported)
 from s3t_ops.stages import depth_logits, load_prefix
 from s3t_ops.trunk import TrunkCache
-
-
-class NoLiveShardError(RuntimeError):
-    """Every shard lost its valid prefix: nothing can be served until stages retrain."""
 
 
 @dataclass

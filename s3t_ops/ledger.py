@@ -1,15 +1,27 @@
-"""DuckDB ledger: examples, slice versions and members, deletion requests, stage lineage, served plans.
+"""DuckDB ledger: examples, slice versions, deletion requests, stage lineage, served and published plans.
 
-DuckDB allows one read-write process per file, so every call opens a short connection (retried while
-another process holds the lock) and writes happen in single transactions: a failed call leaves
-nothing half-written.
+Why it looks like this:
+- DuckDB allows one read-write process per file. Every process first takes an advisory lock on
+  `ledger.duckdb.lock` (waiting up to `wait_s`), then opens a short connection, so processes queue
+  instead of failing, and the file can be swapped (compaction) while nobody has it open.
+- Every state change is one transaction. Honouring a deletion (`honour`) writes the deletion rows,
+  removes the examples, records the new slice versions, the new serving plan and the honoured marks
+  in ONE transaction: after a crash a request is either absent or honoured by the served plan.
+- What follows honouring is driven by the ledger and idempotent: deletions with `erased_at IS NULL`
+  are erased by the next command that opens the state; plans with `published_at IS NULL` are
+  published to the registry; checkpoint files without a row are orphans.
+- Deleted ids are kept only as keyed tombstones (see tombstones.py), and so are the members of old
+  slice versions (the lineage the exactness audit reads).
+- A damaged file is reported (`LedgerDamagedError`) by a read-only scan before anything writes to it.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,27 +30,43 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from s3t_ops.faults import crash_point
 from s3t_ops.partition import slice_version
+from s3t_ops.tombstones import Keyring
 
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (
     id VARCHAR PRIMARY KEY, text VARCHAR, label INTEGER, split VARCHAR, shard INTEGER, slice INTEGER);
 CREATE TABLE IF NOT EXISTS slice_versions (
-    version VARCHAR, shard INTEGER, slice INTEGER, n_members INTEGER, created_at TIMESTAMP,
+    version VARCHAR, shard INTEGER, slice INTEGER, n_members INTEGER, created_at TIMESTAMP, is_current BOOLEAN,
     PRIMARY KEY (shard, slice, version));
-CREATE TABLE IF NOT EXISTS slice_members (version VARCHAR, shard INTEGER, slice INTEGER, example_id VARCHAR);
+CREATE TABLE IF NOT EXISTS slice_members (version VARCHAR, shard INTEGER, slice INTEGER, member VARCHAR);
 CREATE TABLE IF NOT EXISTS deletions (
-    example_id VARCHAR PRIMARY KEY, split VARCHAR, shard INTEGER, slice INTEGER,
-    requested_at TIMESTAMP, honoured_at TIMESTAMP, honoured_by_plan INTEGER, retrained_at TIMESTAMP);
+    tombstone VARCHAR PRIMARY KEY, split VARCHAR, shard INTEGER, slice INTEGER, requested_at TIMESTAMP,
+    honoured_at TIMESTAMP, honoured_by_plan INTEGER, erased_at TIMESTAMP, retrained_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS checkpoints (
     key VARCHAR PRIMARY KEY, shard INTEGER, prefix VARCHAR, stage INTEGER, parent_key VARCHAR,
-    slice INTEGER, slice_version VARCHAR, path VARCHAR, n_train INTEGER, grad_example_steps BIGINT,
-    steps INTEGER, val_acc DOUBLE, seconds DOUBLE, created_at TIMESTAMP, purged_at TIMESTAMP);
+    slice INTEGER, slice_version VARCHAR, prefix_versions VARCHAR, sha256 VARCHAR, n_train INTEGER,
+    grad_example_steps BIGINT, steps INTEGER, val_acc DOUBLE, seconds DOUBLE, started_at TIMESTAMP,
+    created_at TIMESTAMP, purged_at TIMESTAMP, purge_reason VARCHAR);
 CREATE SEQUENCE IF NOT EXISTS plan_ids START 1;
 CREATE TABLE IF NOT EXISTS plans (
-    plan_id INTEGER PRIMARY KEY, created_at TIMESTAMP, plan VARCHAR, n_live INTEGER, n_deletions INTEGER);
+    plan_id INTEGER PRIMARY KEY, created_at TIMESTAMP, plan VARCHAR, n_live INTEGER, n_deletions INTEGER,
+    published_at TIMESTAMP, model_version INTEGER);
 """
+TABLES = ("meta", "examples", "slice_versions", "slice_members", "deletions", "checkpoints", "plans")
+CHECKPOINT_COLUMNS = ("key", "shard", "prefix", "stage", "parent_key", "slice", "slice_version", "prefix_versions", "sha256",
+                      "n_train", "grad_example_steps", "steps", "val_acc", "seconds", "started_at")
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be used: locked too long, not permitted, from an older version."""
+
+
+class LedgerDamagedError(LedgerError):
+    """The ledger file cannot be read back; nothing is written to it."""
 
 
 class UnknownExampleError(KeyError):
@@ -49,27 +77,104 @@ class UnknownExampleError(KeyError):
 
 
 @dataclass(frozen=True)
-class ForgetReceipt:
-    new: tuple[str, ...]  # newly deleted now
+class HonourReceipt:
+    new: tuple[str, ...]  # ids newly deleted now
     already: tuple[str, ...]  # deleted by an earlier request (idempotent)
     dirty: tuple[tuple[int, int], ...]  # (shard, slice) whose data version changed
+    plan_id: int | None  # the plan that honours them (None: nothing served yet and nothing new)
+    record: dict | None
 
 
 def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+class _ProcessLock:
+    """An flock on `<ledger>.lock`, re-entrant within a process (threads queue on an RLock)."""
+
+    _locks: dict[str, "_ProcessLock"] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rlock = threading.RLock()
+        self.depth = 0
+        self.fd: int | None = None
+
+    @classmethod
+    def for_path(cls, path: Path) -> "_ProcessLock":
+        key = str(path.resolve())
+        with cls._guard:
+            if key not in cls._locks:
+                cls._locks[key] = cls(path)
+            return cls._locks[key]
+
+    @contextmanager
+    def hold(self, wait_s: float) -> Iterator[None]:
+        with self.rlock:
+            if self.depth == 0:
+                self._acquire(wait_s)
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+                if self.depth == 0 and self.fd is not None:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+                    os.close(self.fd)
+                    self.fd = None
+
+    def _acquire(self, wait_s: float) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            raise LedgerError(f"ledger lock {self.path}: permission denied") from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.fd = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise LedgerError(f"ledger {self.path.with_suffix('')} stayed locked by another process for {wait_s:.0f}s") from None
+                time.sleep(0.02)
+
+
 class Ledger:
-    def __init__(self, path: str | Path, retries: int = 50, wait_s: float = 0.1):
+    def __init__(self, path: str | Path, keyring: Keyring | None = None, wait_s: float = 120.0):
         self.path = Path(path)
-        self.retries = retries
         self.wait_s = wait_s
+        self._keyring = keyring
         self._session: duckdb.DuckDBPyConnection | None = None
+        self._checked = False
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    @property
+    def keyring(self) -> Keyring:
+        if self._keyring is None:
+            self._keyring = Keyring.load(self.path.parent)
+        return self._keyring
+
+    def tombstone(self, example_id: str) -> str:
+        return self.keyring.tombstone(example_id)
+
+    # --- connections ------------------------------------------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's process lock (no connection): other processes wait meanwhile."""
+        if not self.path.parent.is_dir():
+            raise LedgerError(f"no state folder at {self.path.parent}")
+        with _ProcessLock.for_path(self.lock_path).hold(self.wait_s):
+            yield
 
     @contextmanager
     def session(self) -> Iterator["Ledger"]:
-        """One read-write connection for a burst of calls (opening one costs ~10 ms): the honour path
-        of a deletion runs in a session so it stays in milliseconds. Other processes wait meanwhile."""
+        """One connection for a burst of calls (opening one costs ~10 ms); other processes wait meanwhile."""
         if self._session is not None:
             yield self
             return
@@ -82,27 +187,59 @@ class Ledger:
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short connection; waits while another process holds the file lock."""
+        """A short read-write connection under the process lock. (`read_only` is accepted for callers'
+        clarity; DuckDB refuses a read-only and a read-write connection to one file in one process.)"""
         if self._session is not None:
             yield self._session
             return
-        if read_only and not self.path.exists():
-            raise FileNotFoundError(f"no ledger at {self.path}: run `s3t demo` or ingest first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        last: Exception | None = None
-        for attempt in range(self.retries):
+        if not self.path.exists():
+            raise LedgerError(f"no ledger at {self.path}: run `s3t train` or `s3t demo` first")
+        with self.locked():
+            if not self._checked:
+                self.check()
+            con = self._open(read_only=False)
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
-                break
-            except duckdb.IOException as exc:  # "Could not set lock on file"
-                last = exc
-                time.sleep(self.wait_s * min(1 + attempt, 10))
-        else:
-            raise RuntimeError(f"ledger {self.path} stayed locked by another process") from last
+                yield con
+            finally:
+                con.close()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         try:
-            yield con
-        finally:
-            con.close()
+            return duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as exc:
+            msg = str(exc)
+            if "Permission denied" in msg:
+                raise LedgerError(f"ledger {self.path}: permission denied") from None
+            if "lock" in msg.lower():
+                raise LedgerError(f"ledger {self.path} is open in another program (not s3t): {msg}") from None
+            raise LedgerDamagedError(f"ledger {self.path} is damaged ({msg.splitlines()[0]}); restore it from a backup — nothing was written") from None
+        except duckdb.Error as exc:
+            raise LedgerDamagedError(f"ledger {self.path} is damaged ({str(exc).splitlines()[0]}); restore it from a backup — nothing was written") from None
+
+    def check(self) -> None:
+        """Read every table back with a read-only connection; a damaged or foreign file raises before any write."""
+        with self.locked():
+            con = self._open(read_only=True)
+            try:
+                names = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+                missing = [t for t in TABLES if t not in names]
+                if "meta" in names:
+                    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+                    version = json.loads(row[0][0]) if row else 1
+                    if version != SCHEMA_VERSION:
+                        raise LedgerError(f"ledger {self.path} has schema {version}; this s3t-ops reads schema {SCHEMA_VERSION}: "
+                                          "re-create the state with `s3t train --state NEW_FOLDER`")
+                if missing:
+                    raise LedgerDamagedError(f"ledger {self.path} is damaged (tables {', '.join(missing)} are missing); "
+                                             "restore it from a backup — nothing was written")
+                for t in TABLES:
+                    con.execute(f"SELECT * FROM {t}").fetchall()  # every block is read (and checksummed) once
+            except duckdb.Error as exc:
+                raise LedgerDamagedError(f"ledger {self.path} is damaged ({str(exc).splitlines()[0]}); restore it from a backup — "
+                                         "nothing was written") from None
+            finally:
+                con.close()
+        self._checked = True
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -115,14 +252,22 @@ class Ledger:
                 raise
             con.execute("COMMIT")
 
-    def init(self) -> None:
-        with self.connect() as con:
-            con.execute(SCHEMA)
+    def create(self) -> None:
+        """A new ledger file with the schema (the folder is new: nothing to check)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.locked():
+            con = self._open(read_only=False)
+            try:
+                con.execute(SCHEMA)
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [json.dumps(SCHEMA_VERSION)])
+            finally:
+                con.close()
+        self._checked = True
 
     def exists(self) -> bool:
         return self.path.exists()
 
-    # --- meta -----------------------------------------------------------------------------
+    # --- meta -------------------------------------------------------------------------------
     def set_meta(self, key: str, value: object) -> None:
         with self.connect() as con:
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(value)])
@@ -135,12 +280,11 @@ class Ledger:
     # --- examples and slices ----------------------------------------------------------------
     def add_examples(self, frame: pd.DataFrame) -> None:
         """Ingest once: examples with id, text, label, split, shard, slice (shard/slice null off train)."""
-        cols = ["id", "text", "label", "split", "shard", "slice"]
-        data = frame[cols].copy()
+        data = frame[["id", "text", "label", "split", "shard", "slice"]].copy()
         with self.transaction() as con:
             n = con.execute("SELECT count(*) FROM examples").fetchall()[0][0]
             if n:
-                raise RuntimeError(f"ledger {self.path} already holds {n} examples; use a new state folder")
+                raise LedgerError(f"ledger {self.path} already holds {n} examples; use a new state folder")
             con.register("incoming", data)
             con.execute("INSERT INTO examples SELECT id, text, label, split, shard, slice FROM incoming")
             con.unregister("incoming")
@@ -150,13 +294,16 @@ class Ledger:
 
     def _record_version(self, con: duckdb.DuckDBPyConnection, shard: int, slc: int, ids: Sequence[str]) -> str:
         version = slice_version(ids)
+        con.execute("UPDATE slice_versions SET is_current = false WHERE shard=? AND slice=? AND is_current", [shard, slc])
         exists = con.execute("SELECT 1 FROM slice_versions WHERE shard=? AND slice=? AND version=?", [shard, slc, version]).fetchall()
-        if not exists:
-            con.execute("INSERT INTO slice_versions VALUES (?, ?, ?, ?, ?)", [version, shard, slc, len(ids), now()])
-            rows = pd.DataFrame({"version": version, "shard": shard, "slice": slc, "example_id": list(ids)})
-            con.register("members", rows)
-            con.execute("INSERT INTO slice_members SELECT version, shard, slice, example_id FROM members")
-            con.unregister("members")
+        if exists:
+            con.execute("UPDATE slice_versions SET is_current = true WHERE shard=? AND slice=? AND version=?", [shard, slc, version])
+            return version
+        con.execute("INSERT INTO slice_versions VALUES (?, ?, ?, ?, ?, true)", [version, shard, slc, len(ids), now()])
+        rows = pd.DataFrame({"version": version, "shard": shard, "slice": slc, "member": self.keyring.tombstones(ids)})
+        con.register("members", rows)
+        con.execute("INSERT INTO slice_members SELECT version, shard, slice, member FROM members")
+        con.unregister("members")
         return version
 
     def examples(self, split: str | None = None) -> pd.DataFrame:
@@ -166,15 +313,33 @@ class Ledger:
                 return con.execute("SELECT * FROM examples ORDER BY id").df()
             return con.execute("SELECT * FROM examples WHERE split = ? ORDER BY id", [split]).df()
 
-    def slice_versions(self, shards: int, slices: int) -> dict[tuple[int, int], str]:
-        """Current data version of every (shard, slice), from its live members."""
-        train = self.examples("train")
-        out = {}
-        groups = {k: g["id"].tolist() for k, g in train.groupby(["shard", "slice"])}
-        for s in range(shards):
-            for j in range(slices):
-                out[(s, j)] = slice_version(groups.get((s, j), []))
-        return out
+    def members(self, shard: int, slc: int) -> pd.DataFrame:
+        """Live members (id, label) of one training slice, ordered by id."""
+        with self.connect(read_only=True) as con:
+            return con.execute("SELECT id, label FROM examples WHERE split='train' AND shard=? AND slice=? ORDER BY id",
+                               [shard, slc]).df()
+
+    def find(self, texts: Sequence[str]) -> dict[str, str]:
+        """Exact text -> id of the live examples holding it."""
+        with self.connect(read_only=True) as con:
+            con.register("wanted", pd.DataFrame({"text": list(texts)}))
+            rows = con.execute("SELECT e.text, e.id FROM examples e JOIN wanted w USING (text)").fetchall()
+            con.unregister("wanted")
+        return {t: i for t, i in rows}
+
+    def slice_versions(self, shards: int, slices: int, con: duckdb.DuckDBPyConnection | None = None) -> dict[tuple[int, int], str]:
+        """Current data version of every (shard, slice); a cell that never held an example has the empty version."""
+        def read(c: duckdb.DuckDBPyConnection) -> dict[tuple[int, int], str]:
+            rows = c.execute("SELECT shard, slice, version FROM slice_versions WHERE is_current").fetchall()
+            return {(int(s), int(j)): v for s, j, v in rows}
+
+        if con is not None:
+            got = read(con)
+        else:
+            with self.connect(read_only=True) as c:
+                got = read(c)
+        empty = slice_version([])
+        return {(s, j): got.get((s, j), empty) for s in range(shards) for j in range(slices)}
 
     def slice_counts(self) -> pd.DataFrame:
         with self.connect(read_only=True) as con:
@@ -182,105 +347,148 @@ class Ledger:
                 "SELECT shard, slice, count(*) AS n_live FROM examples WHERE split='train' GROUP BY ALL ORDER BY ALL"
             ).df()
 
-    # --- deletions --------------------------------------------------------------------------
-    def forget(self, ids: Iterable[str], compact: bool = True) -> ForgetReceipt:
-        """Record requests and physically remove the examples, in one transaction (idempotent).
+    # --- deletions: honour in one transaction ---------------------------------------------
+    def honour(self, ids: Iterable[str], plan_for: Callable[[duckdb.DuckDBPyConnection], tuple[dict, int]]) -> HonourReceipt:
+        """Delete examples and serve a plan that honours them, in ONE transaction (idempotent).
 
-        `compact=False` defers rewriting the file (the caller must `compact()` soon after): the engine
-        serves the new plan first and erases the bytes right after, so honouring stays instant.
+        `plan_for(con)` computes the new plan record and its live-shard count from inside the
+        transaction (it sees the new slice versions). Unknown ids raise before anything is written.
         """
         wanted = list(dict.fromkeys(str(i).strip() for i in ids))
-        if not wanted:
-            raise ValueError("no example ids given")
+        if not wanted or any(not i for i in wanted):
+            raise ValueError("no example ids given" if not wanted else "an example id is blank")
+        tombs = {i: self.tombstone(i) for i in wanted}
         with self.transaction() as con:
-            q = pd.DataFrame({"id": wanted})
-            con.register("wanted", q)
-            live = con.execute("SELECT e.id, e.split, e.shard, e.slice FROM examples e JOIN wanted w USING (id)").df()
-            done = set(con.execute("SELECT example_id FROM deletions JOIN wanted w ON w.id = example_id").df()["example_id"])
-            con.unregister("wanted")
-            unknown = sorted(set(wanted) - set(live["id"]) - done)
+            con.register("wanted", pd.DataFrame({"id": wanted, "tombstone": [tombs[i] for i in wanted]}))
+            live = con.execute("SELECT e.id, e.split, e.shard, e.slice, w.tombstone FROM examples e JOIN wanted w USING (id) ORDER BY e.id").df()
+            done = con.execute("SELECT w.id FROM deletions d JOIN wanted w USING (tombstone) ORDER BY w.id").df()["id"].tolist()
+            unknown = sorted(set(wanted) - set(live["id"]) - set(done))
             if unknown:
                 shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
                 raise UnknownExampleError(f"{len(unknown)} unknown example id(s): {shown}; nothing was deleted")
+            if live.empty:  # every id already forgotten: the latest plan honours them
+                con.unregister("wanted")
+                rows = con.execute("SELECT plan_id, plan FROM plans ORDER BY plan_id DESC LIMIT 1").fetchall()
+                pid, record = (int(rows[0][0]), json.loads(rows[0][1])) if rows else (None, None)
+                return HonourReceipt((), tuple(done), (), pid, record)
             t = now()
-            for row in live.itertuples(index=False):
-                con.execute(
-                    "INSERT INTO deletions VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)",
-                    [row.id, row.split, None if pd.isna(row.shard) else int(row.shard), None if pd.isna(row.slice) else int(row.slice), t],
-                )
-            con.register("gone", live[["id"]])
-            con.execute("DELETE FROM examples WHERE id IN (SELECT id FROM gone)")
-            con.unregister("gone")
-            dirty = sorted({(int(r.shard), int(r.slice)) for r in live.itertuples() if r.split == "train"})
+            con.execute("""INSERT INTO deletions SELECT w.tombstone, e.split, e.shard, e.slice, ?, NULL, NULL, NULL, NULL
+                           FROM examples e JOIN wanted w USING (id)""", [t])
+            con.execute("DELETE FROM examples WHERE id IN (SELECT id FROM wanted)")
+            con.unregister("wanted")
+            train = live[live["split"] == "train"]
+            dirty = sorted({(int(s), int(j)) for s, j in zip(train["shard"], train["slice"])})
             for s, j in dirty:
-                members = con.execute("SELECT id FROM examples WHERE shard=? AND slice=? AND split='train'", [s, j]).df()["id"].tolist()
-                self._record_version(con, s, j, members)
-        if len(live) and compact:
-            self.compact()  # CHECKPOINT alone leaves the deleted text in freed blocks of the file
-        return ForgetReceipt(new=tuple(live["id"]), already=tuple(sorted(done)), dirty=tuple(dirty))
+                remaining = con.execute("SELECT id FROM examples WHERE shard=? AND slice=? AND split='train' ORDER BY id", [s, j]).fetchall()
+                self._record_version(con, s, j, [r[0] for r in remaining])
+            record, n_live = plan_for(con)
+            pid = self._insert_plan(con, record, n_live)
+            crash_point("before_deletion_commit")
+        crash_point("after_deletion_commit")
+        return HonourReceipt(tuple(live["id"]), tuple(done), tuple(dirty), pid, record)
 
-    def compact(self) -> None:
-        """Rewrite the ledger into a fresh file and swap it in, holding the lock on the old one.
+    def _insert_plan(self, con: duckdb.DuckDBPyConnection, record: dict, n_live: int) -> int:
+        n_del = con.execute("SELECT count(*) FROM deletions").fetchall()[0][0]
+        pid = int(con.execute("INSERT INTO plans VALUES (nextval('plan_ids'), ?, ?, ?, ?, NULL, NULL) RETURNING plan_id",
+                              [now(), json.dumps(record, sort_keys=True), n_live, n_del]).fetchall()[0][0])
+        con.execute("UPDATE deletions SET honoured_at = ?, honoured_by_plan = ? WHERE honoured_at IS NULL", [now(), pid])
+        return pid
 
-        DuckDB neither rewrites a row group for a few deleted rows nor zeroes freed blocks, so a deleted
-        example's text stays readable in the file until the database is copied.
-        """
-        tmp = self.path.with_name(self.path.name + ".compact")
-        tmp.unlink(missing_ok=True)
-        with self.connect() as con:
-            con.execute("CHECKPOINT")
-            name = con.execute("SELECT current_database()").fetchall()[0][0]
-            con.execute(f"ATTACH '{str(tmp).replace(chr(39), chr(39) * 2)}' AS s3t_compact")
-            try:
-                con.execute(f'COPY FROM DATABASE "{name}" TO s3t_compact')
-                con.execute("DETACH s3t_compact")
-                os.replace(tmp, self.path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+    def record_plan(self, record: dict, n_live: int, con: duckdb.DuckDBPyConnection | None = None) -> int:
+        """A new served plan; it honours every deletion not yet honoured (one transaction)."""
+        if con is not None:
+            return self._insert_plan(con, record, n_live)
+        with self.transaction() as c:
+            return self._insert_plan(c, record, n_live)
 
     def deletions(self) -> pd.DataFrame:
         with self.connect(read_only=True) as con:
-            return con.execute("SELECT * FROM deletions ORDER BY requested_at, example_id").df()
+            return con.execute("SELECT * FROM deletions ORDER BY requested_at, tombstone").df()
 
-    def deleted_ids(self) -> set[str]:
-        return set(self.deletions()["example_id"])
+    def deleted(self) -> set[str]:
+        """Tombstones of every deleted example."""
+        with self.connect(read_only=True) as con:
+            return {r[0] for r in con.execute("SELECT tombstone FROM deletions").fetchall()}
 
-    def mark_honoured(self, plan_id: int) -> int:
-        with self.connect() as con:
-            return con.execute(
-                "UPDATE deletions SET honoured_at = ?, honoured_by_plan = ? WHERE honoured_at IS NULL", [now(), plan_id]
-            ).fetchall()[0][0]
+    def is_deleted(self, example_id: str) -> bool:
+        return self.tombstone(example_id) in self.deleted()
 
-    def mark_retrained(self) -> None:
-        with self.connect() as con:
+    def unhonoured(self) -> int:
+        with self.connect(read_only=True) as con:
+            return int(con.execute("SELECT count(*) FROM deletions WHERE honoured_at IS NULL").fetchall()[0][0])
+
+    def pending_erasure(self) -> set[str]:
+        with self.connect(read_only=True) as con:
+            return {r[0] for r in con.execute("SELECT tombstone FROM deletions WHERE erased_at IS NULL").fetchall()}
+
+    def mark_erased(self, tombstones: Iterable[str]) -> None:
+        tombs = list(tombstones)
+        if not tombs:
+            return
+        with self.transaction() as con:
+            con.register("erased", pd.DataFrame({"tombstone": tombs}))
+            con.execute("UPDATE deletions SET erased_at = ? WHERE erased_at IS NULL AND tombstone IN (SELECT tombstone FROM erased)", [now()])
+            con.unregister("erased")
+
+    def mark_retrained(self, still_stale: Callable[[duckdb.DuckDBPyConnection], bool]) -> bool:
+        """Stamp deletions retrained, only if `still_stale(con)` says no stage awaits retraining (one transaction)."""
+        with self.transaction() as con:
+            if still_stale(con):
+                return False
+            crash_point("before_retrained_mark")
             con.execute("UPDATE deletions SET retrained_at = ? WHERE retrained_at IS NULL", [now()])
+            return True
 
     # --- checkpoints ------------------------------------------------------------------------
-    def record_checkpoint(self, row: dict) -> None:
-        cols = ["key", "shard", "prefix", "stage", "parent_key", "slice", "slice_version", "path", "n_train",
-                "grad_example_steps", "steps", "val_acc", "seconds"]
-        with self.connect() as con:
+    def record_checkpoint(self, row: dict, prefix_slices: Sequence[tuple[int, int, str]], place_file: Callable[[], None]) -> bool:
+        """Record a trained stage only if its data is still current, in one transaction.
+
+        `prefix_slices` = (shard, slice, version) the stage was trained on; if any slice changed (an
+        example was deleted meanwhile) or the parent checkpoint was purged, nothing is recorded and
+        False is returned: the caller discards the weights. `place_file()` renames the file into
+        place inside the transaction, so a file under its final name always has a row (a crash in
+        between leaves an orphan that the next open removes).
+        """
+        with self.transaction() as con:
+            current = {(int(s), int(j)): v for s, j, v in
+                       con.execute("SELECT shard, slice, version FROM slice_versions WHERE is_current").fetchall()}
+            if any(current.get((s, j)) != v for s, j, v in prefix_slices):
+                return False
+            if row.get("parent_key"):
+                alive = con.execute("SELECT 1 FROM checkpoints WHERE key = ? AND purged_at IS NULL", [row["parent_key"]]).fetchall()
+                if not alive:
+                    return False
+            place_file()
+            crash_point("after_checkpoint_file")
+            cols = list(CHECKPOINT_COLUMNS)
             con.execute(
-                f"INSERT OR REPLACE INTO checkpoints ({', '.join(cols)}, created_at, purged_at) VALUES ({', '.join('?' * len(cols))}, ?, NULL)",
-                [row[c] for c in cols] + [now()],
+                f"INSERT OR REPLACE INTO checkpoints ({', '.join(cols)}, created_at, purged_at, purge_reason) "
+                f"VALUES ({', '.join('?' * len(cols))}, ?, NULL, NULL)",
+                [row.get(c) for c in cols] + [now()],
             )
+            crash_point("before_checkpoint_commit")
+        crash_point("after_checkpoint_commit")
+        return True
 
-    def checkpoints(self, live_only: bool = True) -> pd.DataFrame:
-        with self.connect(read_only=True) as con:
-            where = "WHERE purged_at IS NULL" if live_only else ""
-            return con.execute(f"SELECT * FROM checkpoints {where} ORDER BY shard, prefix").df()
+    def checkpoints(self, live_only: bool = True, con: duckdb.DuckDBPyConnection | None = None) -> pd.DataFrame:
+        where = "WHERE purged_at IS NULL" if live_only else ""
+        sql = f"SELECT * FROM checkpoints {where} ORDER BY shard, prefix"
+        if con is not None:
+            return con.execute(sql).df()
+        with self.connect(read_only=True) as c:
+            return c.execute(sql).df()
 
-    def mark_purged(self, keys: Sequence[str]) -> None:
+    def mark_purged(self, keys: Sequence[str], reason: str) -> None:
         if not keys:
             return
-        with self.connect() as con:
+        with self.transaction() as con:
             con.register("purged", pd.DataFrame({"key": list(keys)}))
-            con.execute("UPDATE checkpoints SET purged_at = ? WHERE key IN (SELECT key FROM purged)", [now()])
+            con.execute("UPDATE checkpoints SET purged_at = ?, purge_reason = ? WHERE purged_at IS NULL AND key IN (SELECT key FROM purged)",
+                        [now(), reason])
             con.unregister("purged")
 
-    def lineage_ids(self, key: str) -> set[str]:
-        """Every example id a checkpoint was trained on: the members of the slice versions up its parent chain."""
+    def lineage(self, key: str) -> set[str]:
+        """Tombstones of every example a checkpoint was trained on: the members of the slice versions up its parent chain."""
         with self.connect(read_only=True) as con:
             rows = con.execute(
                 """
@@ -289,7 +497,7 @@ class Ledger:
                     UNION ALL
                     SELECT c.key, c.parent_key, c.shard, c.slice, c.slice_version FROM checkpoints c JOIN chain ON c.key = chain.parent_key
                 )
-                SELECT DISTINCT m.example_id FROM chain JOIN slice_members m
+                SELECT DISTINCT m.member FROM chain JOIN slice_members m
                   ON m.version = chain.slice_version AND m.shard = chain.shard AND m.slice = chain.slice
                 """,
                 [key],
@@ -297,14 +505,6 @@ class Ledger:
         return {r[0] for r in rows}
 
     # --- plans ------------------------------------------------------------------------------
-    def record_plan(self, plan: dict, n_live: int) -> int:
-        with self.connect() as con:
-            n_del = con.execute("SELECT count(*) FROM deletions").fetchall()[0][0]
-            pid = con.execute(
-                "INSERT INTO plans VALUES (nextval('plan_ids'), ?, ?, ?, ?) RETURNING plan_id", [now(), json.dumps(plan), n_live, n_del]
-            ).fetchall()[0][0]
-        return int(pid)
-
     def latest_plan(self) -> tuple[int, dict] | None:
         with self.connect(read_only=True) as con:
             rows = con.execute("SELECT plan_id, plan FROM plans ORDER BY plan_id DESC LIMIT 1").fetchall()
@@ -314,3 +514,51 @@ class Ledger:
         with self.connect(read_only=True) as con:
             rows = con.execute("SELECT plan FROM plans WHERE plan_id = ?", [int(plan_id)]).fetchall()
         return json.loads(rows[0][0]) if rows else None
+
+    def publication(self, plan_id: int) -> tuple[datetime | None, int | None]:
+        with self.connect(read_only=True) as con:
+            rows = con.execute("SELECT published_at, model_version FROM plans WHERE plan_id = ?", [int(plan_id)]).fetchall()
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+    def mark_published(self, plan_id: int, model_version: int | None) -> None:
+        with self.connect() as con:
+            con.execute("UPDATE plans SET published_at = ?, model_version = ? WHERE plan_id = ?", [now(), model_version, int(plan_id)])
+
+    # --- erasure of the file itself ---------------------------------------------------------
+    def compact(self) -> None:
+        """Rewrite the ledger into a fresh file and swap it in, holding the process lock.
+
+        DuckDB neither rewrites a row group for a few deleted rows nor zeroes freed blocks, so a deleted
+        example's text stays readable in the file until the database is copied. The copy is written
+        beside the file, checkpointed, then renamed over it after every connection is closed; a crash
+        leaves either the old file (and a stale copy, removed here next time) or the new one.
+        """
+        tmp = self.path.with_name(self.path.name + ".compact")
+        with self.locked():
+            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+            with self.connect() as con:
+                con.execute("CHECKPOINT")
+                name = con.execute("SELECT current_database()").fetchall()[0][0]
+                con.execute(f"ATTACH '{str(tmp).replace(chr(39), chr(39) * 2)}' AS s3t_compact")
+                try:
+                    con.execute(f'COPY FROM DATABASE "{name}" TO s3t_compact')
+                    con.execute("CHECKPOINT s3t_compact")
+                    con.execute("DETACH s3t_compact")
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+            crash_point("during_compaction")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)  # the old file's, already checkpointed
+
+    def remove_compaction_leftovers(self) -> list[Path]:
+        with self.locked():
+            out = []
+            for p in (self.path.with_name(self.path.name + ".compact"), self.path.with_name(self.path.name + ".compact.wal")):
+                if p.exists():
+                    p.unlink()
+                    out.append(p)
+            return out

@@ -57,6 +57,10 @@ def affected_slices(
     return {s: frozenset(v) for s, v in sorted(out.items())}
 
 
+class NoLiveShardError(RuntimeError):
+    """Every shard lost its valid prefix: nothing can be served until stages retrain."""
+
+
 @dataclass(frozen=True)
 class ShardChoice:
     """The model a live shard serves: stage `depth` of sequence `seq`."""

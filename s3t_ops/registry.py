@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,7 +19,13 @@ from typing import Any
 
 import pandas as pd
 
+from s3t_ops.faults import crash_point
+
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-file bars drown the pipeline's logs
+# the ensemble's predict takes a DataFrame checked against the logged signature; MLflow's nag for type hints is noise
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*", category=UserWarning)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 with warnings.catch_warnings():  # mlflow's own pyfunc classes nag about type hints on import
     warnings.simplefilter("ignore", UserWarning)
@@ -27,6 +33,12 @@ with warnings.catch_warnings():  # mlflow's own pyfunc classes nag about type hi
     import mlflow.pyfunc
 
 CHAMPION = "champion"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}  # the UI opens runs and models, not GenAI traces
+INVALIDATED_TAG = "s3t.invalidated_by_deletion"
+MODEL_DESCRIPTION = ("S3T ensemble (exact unlearning): each version serves, per shard, the longest stage prefix whose "
+                     "checkpoints never saw a deleted example. Alias `champion` = the version to serve. Load with "
+                     "mlflow.pyfunc.load_model('models:/<name>@champion'); predict(DataFrame(text=[...])).")
 MAX_TAG_CHARS = 4000  # well under MLflow's tag value limit; longer id lists go to an artifact only
 
 
@@ -97,35 +109,48 @@ class Tracker:
             # a local store keeps artifacts next to it; a server decides (--artifacts-destination)
             location = None if tracking_uri.startswith("http") or artifact_root is None else Path(artifact_root).as_uri()
             try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
             except Exception:  # created concurrently by another process
                 self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
         else:
             self.experiment_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG]:
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG])
 
     # --- stage runs -------------------------------------------------------------------------
-    def log_stage(self, row: dict, config: dict, losses: list[float], accuracies: list[float],
-                  tags: dict[str, str] | None = None) -> str:
-        """One run per trained stage: params, per-epoch metrics, lineage tags."""
-        from mlflow.entities import Metric, Param, RunTag
+    def log_stage(self, row: dict, config: dict, tags: dict[str, str] | None = None) -> str:
+        """One run per trained stage spanning the training itself: config params, per-stage counts apart
+        (`stage.*`), per-epoch metrics, lineage tags."""
+        from mlflow.entities import Metric, Param
 
         run_tags = {"s3t.kind": "stage", "s3t.shard": row["shard"], "s3t.stage": row["stage"],
                     "s3t.prefix": row["prefix"], "s3t.slice": row["slice"], "s3t.slice_version": row["slice_version"],
                     "s3t.checkpoint_key": row["key"], "s3t.parent_key": row.get("parent_key") or "",
                     **(row.get("lineage_tags") or {}), **(tags or {})}
         run = self.client.create_run(self.experiment_id, run_name=f"stage{row['stage']}-s{row['shard']}-p{row['prefix']}",
-                                     tags={k: str(v) for k, v in run_tags.items()})
-        params = {k: v for k, v in config.items() if k != "state_dir"}
-        params.update(shard=row["shard"], stage=row["stage"], prefix=row["prefix"], n_train=row["n_train"])
-        metrics = [Metric("train_loss", float(v), 0, e) for e, v in enumerate(losses, start=1)]
-        metrics += [Metric("train_accuracy", float(v), 0, e) for e, v in enumerate(accuracies, start=1)]
+                                     start_time=_millis(row.get("started_at")), tags={k: str(v) for k, v in run_tags.items()})
+        params = {f"config.{k}": v for k, v in config.items() if k != "state_dir"}
+        params.update({"stage.shard": row["shard"], "stage.stage": row["stage"], "stage.prefix": row["prefix"],
+                       "stage.n_examples": row["n_train"]})
+        metrics = [Metric("train_loss", float(v), 0, e) for e, v in enumerate(row.get("epoch_losses") or [], start=1)]
+        metrics += [Metric("train_accuracy", float(v), 0, e) for e, v in enumerate(row.get("epoch_accuracies") or [], start=1)]
         for name in ("val_acc", "seconds", "grad_example_steps"):
             if row.get(name) is not None:
                 metrics.append(Metric(name, float(row[name]), 0, 0))
         self.client.log_batch(run.info.run_id, metrics=metrics,
                               params=[Param(k, str(v)[:500]) for k, v in params.items()])
-        self.client.set_terminated(run.info.run_id)
+        self.client.set_terminated(run.info.run_id, end_time=_millis(row.get("ended_at")))
         return run.info.run_id
+
+    def tag_invalidated(self, keys: list[str]) -> int:
+        """Mark the stage runs whose checkpoints a deletion invalidated (the run stays: it holds no data)."""
+        n = 0
+        for key in keys:
+            for run in self.client.search_runs([self.experiment_id], filter_string=f"tags.`s3t.checkpoint_key` = '{key}'"):
+                if run.data.tags.get(INVALIDATED_TAG) != "true":
+                    self.client.set_tag(run.info.run_id, INVALIDATED_TAG, "true")
+                    n += 1
+        return n
 
     # --- approximate unlearning (s3t_ops.memorization) ----------------------------------------
     def log_unlearning(self, run_name: str, params: dict, metrics: dict, tags: dict | None = None) -> str:
@@ -151,25 +176,65 @@ class Tracker:
         except MlflowException:
             return None
         return {"version": int(v.version), "tags": dict(v.tags), "plan_digest": v.tags.get("plan_digest"),
-                "run_id": v.run_id}
+                "plan_id": v.tags.get("plan_id"), "run_id": v.run_id, "description": v.description}
 
-    def register_plan(self, engine, plan_id: int, record: dict, tags: dict[str, str] | None = None) -> int:
-        """Log the plan as a pyfunc model, register a new version, move `champion` to it."""
+    def publish_plan(self, engine, plan_id: int, record: dict) -> int:
+        """Make `champion` serve this plan; idempotent, so a crash anywhere in it is finished by a retry.
+
+        The same checkpoints as the champion's: its tags are brought up to date (the plan may honour a
+        deletion that no served checkpoint saw). A version already registered for this plan (an earlier
+        attempt died before moving the alias) is reused. Otherwise a new version is logged and registered.
+        """
+        tags = {**self._version_tags(engine, plan_id, record), **{k: str(v) for k, v in engine.tags.items()}}
+        champ = self.champion()
+        if champ is not None and champ["plan_digest"] == tags["plan_digest"]:
+            version = champ["version"]
+        else:
+            version = self._version_for_plan(plan_id)
+            if version is None:
+                version = self._register(engine, plan_id, record, tags)
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), k, v)
+        self.client.update_model_version(self.model_name, str(version), description=_version_description(plan_id, record, tags))
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
+        crash_point("after_alias_moved")
+        return version
+
+    def _version_tags(self, engine, plan_id: int, record: dict) -> dict[str, str]:
+        deleted = sorted(engine.ledger.deleted())
+        depths = {str(c["shard"]): c["depth"] for c in record["plan"]["choices"]}
+        joined = ",".join(deleted)
+        return {
+            "plan_id": str(plan_id), "plan_digest": plan_digest(record), "depths": json.dumps(depths),
+            "live_shards": str(len(depths)), "honoured_deletions_count": str(len(deleted)),
+            "honoured_deletions": joined if len(joined) <= MAX_TAG_CHARS else "see artifact honoured_deletions.json",
+            "honoured_deletions_sha256": hashlib.sha256(joined.encode()).hexdigest(),
+            "tombstones": "keyed (HMAC-SHA256 with the state's secret.key), not example ids",
+        }
+
+    def _version_for_plan(self, plan_id: int) -> int | None:
+        for v in self.versions():
+            if v["tags"].get("plan_id") == str(plan_id):
+                return v["version"]
+        return None
+
+    def _register(self, engine, plan_id: int, record: dict, tags: dict[str, str]) -> int:
+        """Log the plan as a pyfunc model (its checkpoints as artifacts) and register a new version."""
         import mlflow
         import mlflow.pyfunc
         from mlflow.models.signature import ModelSignature
         from mlflow.types.schema import ColSpec, Schema
 
         labels = list(engine.label_names)
-        deleted = sorted(engine.ledger.deleted_ids())
-        depths = {str(c["shard"]): c["depth"] for c in record["plan"]["choices"]}
+        deleted = sorted(engine.ledger.deleted())
+        depths = json.loads(tags["depths"])
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             ckpts = tmp / "checkpoints"
             ckpts.mkdir()
             for keys in record["checkpoints"].values():
                 for k in keys:
-                    shutil.copy2(engine.store.path(k), ckpts / f"{k}.safetensors")
+                    (ckpts / f"{k}.safetensors").write_bytes(engine.store.read(k, engine.checkpoint_rows()[k]["sha256"]))
             (tmp / "plan.json").write_text(json.dumps({**record, "plan_id": plan_id}, indent=2))
             (tmp / "meta.json").write_text(json.dumps({
                 "config": {k: v for k, v in engine.cfg.to_dict().items() if k != "state_dir"},
@@ -177,16 +242,8 @@ class Tracker:
             (tmp / "honoured_deletions.json").write_text(json.dumps(deleted))
             signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
                                        outputs=Schema([ColSpec("string", "label"), *(ColSpec("double", f"prob_{n}") for n in labels)]))
-            joined = ",".join(deleted)
-            version_tags = {
-                "plan_id": str(plan_id), "plan_digest": plan_digest(record), "depths": json.dumps(depths),
-                "live_shards": str(len(depths)), "honoured_deletions_count": str(len(deleted)),
-                "honoured_deletions": joined if len(joined) <= MAX_TAG_CHARS else "see artifact honoured_deletions.json",
-                "honoured_deletions_sha256": hashlib.sha256(joined.encode()).hexdigest(),
-                **(tags or {}),
-            }
             with mlflow.start_run(experiment_id=self.experiment_id, run_name=f"ensemble-plan{plan_id}",
-                                  tags={"s3t.kind": "ensemble", **version_tags}) as run:
+                                  tags={"s3t.kind": "ensemble", **tags}) as run:
                 mlflow.log_metrics({"live_shards": len(depths), "mean_depth": sum(depths.values()) / max(1, engine.cfg.shards),
                                     "deletions": len(deleted)})
                 mlflow.log_artifact(str(tmp / "honoured_deletions.json"))
@@ -198,60 +255,115 @@ class Tracker:
                         pip_requirements=["s3t-ops", "torch", "transformers", "peft", "safetensors", "pandas"],
                         signature=signature,
                     )
-        version = self._register(info)
-        for k, v in version_tags.items():
-            self.client.set_model_version_tag(self.model_name, str(version), k, v)
-        self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
-        return version
-
-    def _register(self, info) -> int:
-        import mlflow
-
-        mv = mlflow.register_model(info.model_uri, self.model_name, await_registration_for=0)
+        crash_point("after_model_logged")
+        self._ensure_model()
+        mv = self.client.create_model_version(self.model_name, info.model_uri, run_id=run.info.run_id,
+                                              tags={"plan_id": str(plan_id)}, model_id=info.model_id,
+                                              await_creation_for=0)
+        crash_point("after_version_registered")
         return int(mv.version)
+
+    def _ensure_model(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(self.model_name, description=MODEL_DESCRIPTION)
+            except MlflowException:  # created concurrently
+                pass
 
     def versions(self) -> list[dict[str, Any]]:
         vs = self.client.search_model_versions(f"name='{self.model_name}'")
         return sorted(({"version": int(v.version), "tags": dict(v.tags), "run_id": v.run_id} for v in vs),
                       key=lambda v: v["version"])
 
+    # --- erasure ----------------------------------------------------------------------------
+    def erase(self, engine) -> list[str]:
+        """Hard-delete what holds a deleted example: non-champion versions (and ensemble runs) whose plan's
+        lineage holds one, and approximate-unlearning runs whose memorization artifact was erased."""
+        removed = [f"model version {v}" for v in self.purge_superseded(engine)]
+        removed += [f"ensemble run {r}" for r in self._purge_orphan_ensemble_runs(engine)]
+        removed += [f"memorization run {r}" for r in self._purge_memorization_runs(engine)]
+        return removed
+
     def purge_superseded(self, engine) -> list[int]:
-        """Delete non-champion versions (and their run artifacts) whose checkpoints saw a deleted example."""
+        """Delete non-champion versions (with their runs and artifacts) whose checkpoints saw a deleted example."""
         champ = self.champion()
-        if champ is None:
-            return []
         purged = []
         for v in self.versions():
-            if v["version"] == champ["version"]:
+            if champ is not None and v["version"] == champ["version"]:
                 continue
             record = engine.ledger.plan(int(v["tags"].get("plan_id", -1)))
-            tainted = record is None or bool(engine.audit(record))
-            if not tainted:
-                continue
+            if record is not None and not engine.audit(record):
+                continue  # exact: kept (a rollback target)
             self.client.delete_model_version(self.model_name, str(v["version"]))
+            crash_point("during_registry_erase")
             if v["run_id"]:
-                self._delete_run_artifacts(v["run_id"])
+                self.hard_delete_run(v["run_id"])
             purged.append(v["version"])
         return purged
 
-    def _delete_run_artifacts(self, run_id: str) -> None:
-        """Remove the run's artifacts from a local artifact store and mark the run deleted."""
-        from urllib.parse import urlparse
+    def _purge_orphan_ensemble_runs(self, engine) -> list[str]:
+        """Ensemble runs no version points to (a crash between logging and registering) whose plan is tainted."""
+        live = {v["run_id"] for v in self.versions()}
+        out = []
+        for run in self.client.search_runs([self.experiment_id], filter_string="tags.`s3t.kind` = 'ensemble'"):
+            if run.info.run_id in live:
+                continue
+            record = engine.ledger.plan(int(run.data.tags.get("plan_id", -1)))
+            if record is None or engine.audit(record):
+                self.hard_delete_run(run.info.run_id)
+                out.append(run.info.run_id)
+        return out
 
-        run = self.client.get_run(run_id)
-        uri = run.info.artifact_uri
-        parsed = urlparse(uri)
-        if parsed.scheme in ("", "file"):
-            shutil.rmtree(Path(parsed.path), ignore_errors=True)
+    def _purge_memorization_runs(self, engine) -> list[str]:
+        """Runs tagged with a memorization artifact folder that erasure removed."""
+        from mlflow.entities import ViewType
+
+        out = []
+        exps = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ALL)]
+        for run in self.client.search_runs(exps, filter_string="tags.`s3t.memorization_artifact` != ''", run_view_type=ViewType.ALL):
+            folder = run.data.tags.get("s3t.memorization_artifact")
+            if folder and not (Path(engine.root) / "memorization" / folder).exists():
+                self.hard_delete_run(run.info.run_id)
+                out.append(run.info.run_id)
+        return out
+
+    def hard_delete_run(self, run_id: str) -> None:
+        """Remove a run for good: its artifacts and logged models (any artifact store, through MLflow's
+        artifact repositories: local folders, or a server's proxied `mlflow-artifacts:`), then the run
+        itself (a hard delete where the backend allows it: SQLite/Postgres stores; a server's REST API only
+        soft-deletes: its rows hold no example data, only keyed tombstones and keys)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return  # already gone
         for logged in self._logged_models(run_id):
+            if logged.artifact_location:
+                _delete_artifacts(get_artifact_repository(logged.artifact_location))
             try:
                 self.client.delete_logged_model(logged.model_id)
-            except Exception:
+            except MlflowException:
                 pass
-            loc = urlparse(getattr(logged, "artifact_location", "") or "")
-            if loc.scheme in ("", "file") and loc.path:
-                shutil.rmtree(Path(loc.path), ignore_errors=True)
-        self.client.delete_run(run_id)
+            store = self._store()
+            if hasattr(store, "_hard_delete_logged_model"):
+                store._hard_delete_logged_model(logged.model_id)
+        _delete_artifacts(get_artifact_repository(run.info.artifact_uri))
+        if run.info.lifecycle_stage != "deleted":
+            self.client.delete_run(run_id)
+        store = self._store()
+        if hasattr(store, "_hard_delete_run"):
+            store._hard_delete_run(run_id)
+
+    def _store(self):
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        return _get_store(self.uri)
 
     def _logged_models(self, run_id: str) -> list:
         try:
@@ -259,6 +371,40 @@ class Tracker:
                                                          filter_string=f"source_run_id = '{run_id}'"))
         except Exception:
             return []
+
+
+def _delete_artifacts(repo) -> None:
+    """Delete every artifact under a repository root (a missing folder is already erased)."""
+    try:
+        repo.delete_artifacts()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if getattr(exc, "errno", None) != 2:
+            raise
+
+
+def _millis(value) -> int | None:
+    if value is None:
+        return None
+    import datetime as _dt
+
+    if isinstance(value, (int, float)):
+        return int(value)
+    if isinstance(value, str):
+        value = _dt.datetime.fromisoformat(value)
+    if hasattr(value, "to_pydatetime"):
+        value = value.to_pydatetime()
+    return int(value.replace(tzinfo=_dt.timezone.utc).timestamp() * 1000)
+
+
+def _version_description(plan_id: int, record: dict, tags: dict[str, str]) -> str:
+    depths = json.loads(tags["depths"])
+    dead = record["plan"]["m"] - len(depths)
+    shards = ", ".join(f"shard {s}: depth {d}" for s, d in depths.items()) or "no live shard"
+    return (f"S3T serving plan {plan_id}: {shards}" + (f"; {dead} dead shard(s)" if dead else "") +
+            f". Honours {tags['honoured_deletions_count']} deletion request(s): no checkpoint of this version was trained "
+            "on a deleted example (tags list their keyed tombstones).")
 
 
 def load_champion(model_name: str = "s3t-ensemble", tracking_uri: str | None = None):

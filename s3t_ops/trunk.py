@@ -7,7 +7,6 @@ Erasing an example rewrites the cache without its rows (physical removal, not a 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from s3t_ops.backbone import Backbone
+from s3t_ops.files import write_atomic
 
 
 @dataclass
@@ -40,6 +40,11 @@ class TrunkCache:
     def batch(self, rows: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.hidden[block].index_select(0, rows), self.mask.index_select(0, rows)
 
+    def subset(self, ids: Sequence[str]) -> "TrunkCache":
+        """These rows, in this order (KeyError naming ids the cache lacks)."""
+        idx = self.rows(ids)
+        return TrunkCache(list(ids), self.mask.index_select(0, idx), {b: h.index_select(0, idx) for b, h in self.hidden.items()})
+
     def without(self, ids: set[str]) -> "TrunkCache":
         keep = [r for r, i in enumerate(self.ids) if i not in ids]
         idx = torch.tensor(keep, dtype=torch.long)
@@ -56,11 +61,14 @@ class TrunkCache:
 
     def save(self, path: Path) -> None:
         """Atomic: a crash leaves the previous cache intact."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"mask": self.mask.contiguous(), **{f"h{b}": h.contiguous() for b, h in self.hidden.items()}}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids)})
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids)}))
+
+    @staticmethod
+    def read_ids(path: Path) -> list[str]:
+        """The ids of a cache file from its header alone (erasure scans every file this way)."""
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["ids"])
 
     @classmethod
     def load(cls, path: Path) -> "TrunkCache":

@@ -9,6 +9,7 @@ import torch
 from s3t_ops.baselines import SISA, FullRetrain, PerShardLoRA, S3TSystem, SharedData, aggregate, train_stage_naive
 from s3t_ops.baselines.full_lora import split_full_state
 from s3t_ops.engine import S3T
+from s3t_ops.publish import Publisher
 from s3t_ops.stages import train_stage
 from tests.conftest import toy_frame
 
@@ -30,8 +31,7 @@ def setup(tmp_path, tiny_config):
     path = tmp_path / "toy.csv"
     toy_frame(60).to_csv(path, index=False)
     cfg = tiny_config(epochs=1, n_val=6, n_test=12)
-    engine = S3T(cfg, progress=False)
-    engine.ingest(path)
+    engine = S3T.create(cfg, path, progress=False, publisher=Publisher())
     engine.build_trunk()
     return engine, SharedData.from_engine(engine)
 
@@ -67,7 +67,7 @@ def test_sisa_stages_checkpoints_are_s3t_identity_sequence(setup):
     assert engine.sequences[0] == (0, 1)
     for spec in engine.stage_specs():
         if spec.seq == 0:
-            assert _same(engine.store.load(spec.key), sisa.ckpts[spec.shard][spec.stage - 1])
+            assert _same(engine.load_checkpoint(spec.key), sisa.ckpts[spec.shard][spec.stage - 1])
 
 
 def test_sisa_retrains_from_the_checkpoint_before_the_slice_in_that_shard_only(setup):
@@ -175,7 +175,7 @@ def test_s3t_system_honours_without_gradient_steps_and_retrains_by_policy(setup,
     assert cost.grad_example_steps == 0 and cost.background_grad_example_steps > 0 and cost.retrained == 2 + 1
     assert eager.depths() == {0: 2, 1: 2}
     assert not eager.engine.audit() and not s3t.engine.audit()
-    assert victim in s3t.engine.ledger.deleted_ids() and victim in eager.engine.ledger.deleted_ids()
+    assert s3t.engine.ledger.is_deleted(victim) and eager.engine.ledger.is_deleted(victim)
 
 
 def test_aggregate_mean_and_vote():

@@ -19,11 +19,13 @@ def test_help_lists_every_command(capsys):
 
 
 def test_defaults_match_the_config():
+    from s3t_ops.cli import _config
     from s3t_ops.config import S3TConfig
 
-    args = build_parser().parse_args(["demo"])
-    d = S3TConfig()
-    assert (args.shards, args.slices, args.budget, args.epochs, args.n_train) == (d.shards, d.slices, d.budget, d.epochs, d.n_train)
+    cfg = _config(build_parser().parse_args(["demo"]))
+    assert cfg == S3TConfig(state_dir=cfg.state_dir)  # flags left out take the config's defaults
+    cfg = _config(build_parser().parse_args(["demo", "--lora-rank", "4", "--n-train", "0"]))
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.n_train) == (4, 8, None)
 
 
 def test_train_forget_status_flow_and_errors(tmp_path, tiny_backbone_dir, capsys):
@@ -63,7 +65,7 @@ def test_train_forget_status_flow_and_errors(tmp_path, tiny_backbone_dir, capsys
     assert main(["forget", *common, victim]) == 0
     assert "1 were already forgotten" in capsys.readouterr().out
     assert main(["status", *common]) == 0
-    assert "deletions: 1 requested, 1 honoured, 0 retrained" in capsys.readouterr().out
+    assert "deletions: 1 requested, 1 honoured, 1 erased, 0 retrained" in capsys.readouterr().out
 
 
 def test_bad_source_and_bad_config_exit_2(tmp_path, tiny_backbone_dir, capsys):
@@ -71,7 +73,7 @@ def test_bad_source_and_bad_config_exit_2(tmp_path, tiny_backbone_dir, capsys):
     bad.write_text("text,category\nhello,1\n")
     assert main(["train", "--state", str(tmp_path / "a"), "--source", str(bad), "--backbone", str(tiny_backbone_dir)]) == 2
     assert "missing column(s) label" in capsys.readouterr().err
-    assert not (tmp_path / "a" / "config.json").exists()
+    assert not (tmp_path / "a").exists()  # a failed train into a new folder leaves no folder behind
     assert main(["train", "--state", str(tmp_path / "b"), "--budget", "5", "--slices", "3"]) == 2
     assert "budget" in capsys.readouterr().err
 

@@ -20,6 +20,7 @@ from s3t_ops.config import ConfigError, S3TConfig
 from s3t_ops.engine import S3T, StateError
 from s3t_ops.ledger import UnknownExampleError
 from s3t_ops.planner import plan_for_deletions, stages_to_retrain
+from s3t_ops.publish import Publisher
 from s3t_ops.trunk import TrunkCache
 from tests.conftest import toy_frame
 
@@ -30,6 +31,11 @@ BASE = dict(shards=M, slices=L, budget=L, epochs=2, batch_size=8, lr=5e-3, max_t
 
 def make_cfg(backbone_dir: Path, state_dir: Path, **changes) -> S3TConfig:
     return S3TConfig(**{**BASE, "backbone": str(backbone_dir), "state_dir": state_dir, **changes})
+
+
+def create(cfg: S3TConfig, source) -> S3T:
+    """A new state with no registry (the ledger is the record; registry tests live in test_registry.py)."""
+    return S3T.create(cfg, source, publisher=Publisher(), progress=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,7 +99,7 @@ def _forget_step(eng: S3T, ids: list[str]) -> Step:
     before = snap(eng)
     report = eng.forget(ids)
     after = snap(eng)
-    lineage = {k: eng.ledger.lineage_ids(k) for keys in after.served[1]["checkpoints"].values() for k in keys}
+    lineage = {k: eng.ledger.lineage(k) for keys in after.served[1]["checkpoints"].values() for k in keys}
     return Step(ids, cells, texts, before, report, after, eng.audit(), eng.evaluate("test"), lineage)
 
 
@@ -102,7 +108,7 @@ def _retrain(eng: S3T, step: Step) -> None:
     eng.serve()
     step.after_train = snap(eng)
     step.audit_after_train = eng.audit()
-    step.states = {key: eng.store.load(key) for key in step.after_train.specs.values()}
+    step.states = {key: eng.load_checkpoint(key) for key in step.after_train.specs.values()}
     step.live = eng.ledger.examples()
     step.trunks = {p.name: TrunkCache.load(p) for p in eng.trunk_dir.glob("*.safetensors")}
 
@@ -110,8 +116,7 @@ def _retrain(eng: S3T, step: Step) -> None:
 def _scratch(backbone_dir: Path, root: Path, name: str, raw: pd.DataFrame, gone_texts: list[str]) -> S3T:
     path = root / f"{name}.csv"
     raw[~raw["text"].isin(gone_texts)].to_csv(path, index=False)
-    eng = S3T(make_cfg(backbone_dir, root / name), progress=False)
-    eng.ingest(path)
+    eng = create(make_cfg(backbone_dir, root / name), path)
     eng.build_trunk()
     eng.train()
     return eng
@@ -122,8 +127,8 @@ def scenario(tmp_path_factory, tiny_backbone_dir, one_torch_thread):
     root = tmp_path_factory.mktemp("engine")
     raw = toy_frame(120)
     raw.to_csv(root / "D.csv", index=False)
-    eng = S3T(make_cfg(tiny_backbone_dir, root / "A"), progress=False)
-    counts = eng.ingest(root / "D.csv")
+    eng = create(make_cfg(tiny_backbone_dir, root / "A"), root / "D.csv")
+    counts = eng.examples().groupby("split").size().to_dict()
     eng.build_trunk()
     first = eng.train()
     pid0, plan0 = eng.serve()
@@ -159,7 +164,7 @@ def test_initial_training_and_serving(scenario):
     ini = scenario["initial"]
     assert ini["counts"] == {"train": 96, "val": 12, "test": 12}
     assert len(ini["report"].trained) == M * L * L and ini["report"].reused == 0
-    lineage = [scenario["engine"].ledger.lineage_ids(k) for k in ini["snapshot"].specs.values()]
+    lineage = [scenario["engine"].ledger.lineage(k) for k in ini["snapshot"].specs.values()]
     assert ini["report"].grad_example_steps == BASE["epochs"] * sum(map(len, lineage))  # cumulative stages
     assert len(set().union(*lineage)) == 96  # the full-depth stages of both shards cover D
     assert ini["snapshot"].present == set(ini["snapshot"].specs)
@@ -180,12 +185,13 @@ def test_forget_is_honoured_without_a_gradient_step(scenario, n):
     # a new plan was recorded and is the one served
     assert step.after_forget.served[0] == rep.plan_id > step.before.served[0]
     assert step.after_forget.served[1]["plan"] == rep.plan.to_dict()
-    deleted = scenario["engine"].ledger.deleted_ids()
-    assert set(step.ids) <= deleted
-    # every served checkpoint's lineage is known and excludes every deleted id
+    tombs = {scenario["engine"].ledger.tombstone(i) for i in step.ids}
+    deleted = scenario["engine"].ledger.deleted()
+    assert tombs <= deleted
+    # every served checkpoint's lineage (keyed tombstones of its examples) is known and excludes every deleted one
     assert step.lineage_served and all(ids for ids in step.lineage_served.values())
     for key, ids in step.lineage_served.items():
-        assert not (ids & set(step.ids)), key
+        assert not (ids & tombs), key
     assert step.audit_after_forget == {}
     assert 0.0 <= step.accuracy_after_forget <= 1.0  # the honouring plan can be served as is
 
@@ -231,7 +237,7 @@ def test_audit_catches_a_plan_that_serves_a_deleted_example(scenario):
     eng = scenario["engine"]
     stale = scenario["initial"]["snapshot"].served[1]  # trained on D: holds x, y, z
     bad = eng.audit(stale)
-    deleted = set(scenario["steps"][0].ids + scenario["steps"][1].ids)
+    deleted = {eng.ledger.tombstone(i) for i in scenario["steps"][0].ids + scenario["steps"][1].ids}
     assert bad and set().union(*bad.values()) == deleted
     assert eng.audit() == {}
 
@@ -251,12 +257,12 @@ def test_deleted_examples_are_physically_erased(scenario, n):
     assert not (set(step.ids) & live)
     for text in step.texts:
         assert not eng.ledger.examples()["text"].eq(text).any()
-    # the text is gone from every file of the state, the ledger's included
+    # the text and the raw id are gone from every file of the state, the ledger's included (tombstones are keyed)
     for p in eng.root.rglob("*"):
         if p.is_file():
             data = p.read_bytes()
-            for text in step.texts:
-                assert text.encode() not in data, (p, text)
+            for needle in step.texts + step.ids:
+                assert needle.encode() not in data, (p, needle)
 
 
 @pytest.mark.parametrize("n", STEPS)
@@ -271,7 +277,7 @@ def test_purge_removed_the_stale_checkpoint_files(scenario, n):
         assert pd.notna(rows.loc[key, "purged_at"])
     files = {p.stem for p in (eng.root / "checkpoints").rglob("*.safetensors")}
     assert files == set(eng.ledger.checkpoints()["key"])  # only live checkpoints remain on disk
-    assert not list((eng.root / "checkpoints").rglob("*.tmp"))
+    assert not list((eng.root / "checkpoints").rglob("*.tmp*"))
 
 
 def test_repeated_forget_is_idempotent_and_unknown_ids_change_nothing(scenario):
@@ -322,7 +328,7 @@ def test_retrained_stages_equal_training_from_scratch_bitwise(scenario, n):
     ours, theirs = step.after_train.specs, triples(scratch.stage_specs())
     assert ours == theirs and len(ours) == M * L * L
     for t, key in ours.items():
-        a, b = step.states[key], scratch.store.load(key)
+        a, b = step.states[key], scratch.load_checkpoint(key)
         assert a.keys() == b.keys() and any(k.startswith("lora.") for k in a) and "head.weight" in a, t
         for name in a:
             assert torch.equal(a[name], b[name]), (t, name, (a[name] - b[name]).abs().max())
@@ -332,23 +338,30 @@ def test_retrained_stages_equal_training_from_scratch_bitwise(scenario, n):
 
 
 # --- d. ingest errors ------------------------------------------------------------------------------
-def test_ingest_into_an_existing_state_fails(tiny_config, toy_csv):
+def test_create_into_an_existing_state_fails_and_changes_nothing(tiny_config, toy_csv):
     cfg = tiny_config()
-    eng = S3T(cfg, progress=False)
-    eng.ingest(toy_csv)
+    eng = create(cfg, toy_csv)
     n = len(eng.ledger.examples())
     with pytest.raises(StateError, match="already holds"):
-        eng.ingest(toy_csv)
-    with pytest.raises(StateError, match="already holds"):
-        S3T(cfg, progress=False).ingest(toy_csv)
+        create(cfg, toy_csv)
     assert len(eng.ledger.examples()) == n
-    reopened = S3T.open(cfg.state_dir, progress=False)
+    reopened = S3T.open(cfg.state_dir, progress=False, publisher=Publisher())
     assert reopened.cfg == cfg and reopened.label_names == ["neg", "neu", "pos"]
 
 
 def test_open_without_state_fails(tmp_path):
     with pytest.raises(StateError, match="no S3T state"):
         S3T.open(tmp_path / "nothing")
+
+
+def test_retrained_checkpoint_files_are_byte_identical_to_scratch(scenario):
+    """Canonical files: equal tensors give equal bytes (no metadata in a random order), so the ledger's
+    sha256 of a retrained stage equals the from-scratch run's."""
+    step = scenario["steps"][1]
+    eng, scratch = scenario["engine"], step.scratch
+    for key in step.after_train.specs.values():
+        assert eng.store.path(key).read_bytes() == scratch.store.path(key).read_bytes(), key
+        assert eng.checkpoint_rows()[key]["sha256"] == scratch.checkpoint_rows()[key]["sha256"]
 
 
 def test_empty_slices_are_a_config_error_and_leave_no_state(tiny_config, toy_csv):
@@ -362,11 +375,11 @@ def test_empty_slices_are_a_config_error_and_leave_no_state(tiny_config, toy_csv
     ids = ds.split("train")["id"]
     assert len(ids) >= 48 and len(set(assign_all(ids, 12, 4).values())) < 48  # the empty-slice path, not too few
     with pytest.raises(ConfigError, match="would be empty") as exc:
-        S3T(cfg, progress=False).ingest(toy_csv)
+        create(cfg, toy_csv)
     assert exc.value.field == "shards"
-    assert not (cfg.state_dir / "config.json").exists() and not (cfg.state_dir / "ledger.duckdb").exists()
+    assert not cfg.state_dir.exists() and not list(cfg.state_dir.parent.glob(".*creating*"))
     with pytest.raises(ConfigError) as exc:  # fewer examples than slices
-        S3T(tiny_config(shards=40, slices=3, budget=1), progress=False).ingest(toy_csv)
+        create(tiny_config(shards=40, slices=3, budget=1), toy_csv)
     assert exc.value.field == "shards"
     # the same folder then takes a valid config
-    assert S3T(tiny_config(), progress=False).ingest(toy_csv)["train"] == 96
+    assert create(tiny_config(), toy_csv).examples("train").shape[0] == 96

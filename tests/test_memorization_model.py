@@ -215,6 +215,7 @@ def test_run_unlearning_scores_every_variant_against_the_oracle(world):
 
 def test_inventory_estimate_uses_checkpoints_that_did_and_did_not_see_each_example(tmp_path, tiny_config):
     from s3t_ops.engine import S3T
+    from s3t_ops.publish import Publisher
     from s3t_ops.memorization.scores import inventory_scores
 
     threads = torch.get_num_threads()
@@ -222,8 +223,7 @@ def test_inventory_estimate_uses_checkpoints_that_did_and_did_not_see_each_examp
     try:
         data = tmp_path / "toy.csv"
         toy_frame(60).to_csv(data, index=False)
-        engine = S3T(tiny_config(epochs=1), progress=False)
-        engine.ingest(data)
+        engine = S3T.create(tiny_config(epochs=1), data, progress=False, publisher=Publisher())
         engine.build_trunk()
         engine.train()
         inv = inventory_scores(engine)

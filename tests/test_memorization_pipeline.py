@@ -16,6 +16,7 @@ def test_memorization_assets_materialize_in_process(tmp_path, tiny_config):
     from mlflow import MlflowClient
 
     from s3t_ops.engine import S3T
+    from s3t_ops.publish import Publisher
     from s3t_ops.memorization.service import EXPERIMENT
 
     threads = torch.get_num_threads()
@@ -24,8 +25,7 @@ def test_memorization_assets_materialize_in_process(tmp_path, tiny_config):
         data = tmp_path / "toy.csv"
         toy_frame(60).to_csv(data, index=False)
         cfg = tiny_config(epochs=1)
-        engine = S3T(cfg, progress=False)  # the S3T part of the pipeline, done by the engine directly
-        engine.ingest(data)
+        engine = S3T.create(cfg, data, progress=False, publisher=Publisher())  # the S3T part of the pipeline, done by the engine directly
         engine.build_trunk()
         engine.train()
         uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -59,6 +59,7 @@ def doors(tmp_path_factory, tiny_backbone_dir):
     """A trained tiny S3T state after both doors ran: `s3t unlearn` (one run folder) and the three assets."""
     from s3t_ops.config import S3TConfig
     from s3t_ops.engine import S3T
+    from s3t_ops.publish import Publisher
     from s3t_ops.memorization.config import MemorizationConfig
     from s3t_ops.memorization.service import (materialize_report, materialize_scores, materialize_unlearned, tracker_for,
                                               unlearn_command)
@@ -71,8 +72,7 @@ def doors(tmp_path_factory, tiny_backbone_dir):
         toy_frame(60).to_csv(data, index=False)
         cfg = S3TConfig(shards=2, slices=2, budget=2, epochs=1, batch_size=8, lr=5e-3, max_tokens=16, lora_rank=4, lora_alpha=8,
                         n_train=None, n_val=12, n_test=12, backbone=str(tiny_backbone_dir), state_dir=root / "state")
-        engine = S3T(cfg, progress=False)
-        engine.ingest(data)
+        engine = S3T.create(cfg, data, progress=False, publisher=Publisher())
         engine.build_trunk()
         engine.train()
         state = cfg.state_dir

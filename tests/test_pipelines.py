@@ -69,7 +69,6 @@ def trained_pipeline(tmp_path_factory, tiny_backbone_dir):
     slice_data = defs.resolve_assets_def("slice_data")
     stages = [defs.resolve_assets_def(f"stage_{k}") for k in range(1, 4)]
     ensemble = defs.resolve_assets_def("s3t_ensemble")
-    res = defs.resources
     dg.materialize([examples], instance=instance,
                    run_config={"ops": {"examples": {"config": {"source": str(data)}}}})
     for key in slice_data.partitions_def.get_partition_keys():
@@ -96,7 +95,6 @@ def test_deletions_stale_exactly_the_planned_stage_partitions(trained_pipeline):
     t = trained_pipeline
     defs, instance, cfg = t["defs"], t["instance"], t["cfg"]
     perms = cyclic(3, 3)
-    res = defs.resources
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert _requested_stage_partitions(first, 3) == set()  # everything fresh after the full materialization
     cursor = first.cursor
@@ -151,8 +149,8 @@ def test_exactness_audit_passes_and_catches_an_injected_violation(trained_pipeli
 
     engine = S3T.open(t["cfg"].state_dir, progress=False)
     ckpts = engine.ledger.checkpoints(live_only=False)
-    deleted = engine.ledger.deleted_ids()
-    stale = [k for k in ckpts[ckpts["purged_at"].notna()]["key"] if engine.ledger.lineage_ids(k) & deleted]
+    deleted = engine.ledger.deleted()
+    stale = [k for k in ckpts[ckpts["purged_at"].notna()]["key"] if engine.ledger.lineage(k) & deleted]
     assert stale, "the deletion must have left purged checkpoints in the ledger"
     bad_record = {"plan": {"m": 1, "choices": []}, "checkpoints": {"0": [stale[0]]}}
     engine.ledger.record_plan(bad_record, 1)

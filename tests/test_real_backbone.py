@@ -41,13 +41,15 @@ def test_demo_on_real_data_runs_end_to_end(tmp_path, capsys):
     assert summary["initial"]["stages_trained"] == 2 * 2 * 2
     assert summary["retrained"]["depths"] == {"0": 2, "1": 2}
     assert 0.0 <= summary["initial"]["test_accuracy"] <= 1.0
+    # the demo ends at the registry: the champion, loaded as a server would, honours both deletions
+    assert summary["champion"]["honours_all_deletions"] and summary["champion"]["predictions_equal_engine"]
     out = capsys.readouterr().out
     assert "honoured in" in out and "exactness audit: no served checkpoint saw a deleted example" in out
 
     # the other commands on the same state
     assert main(["status", "--state", str(state), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["deletions"] == {"total": 2, "honoured": 2, "retrained": 2}
+    assert status["deletions"] == {"total": 2, "honoured": 2, "erased": 2, "retrained": 2}
     assert status["stages"]["awaiting_retraining"] == 0
     assert main(["predict", "--state", str(state), "what a lovely day"]) == 0
     pred = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

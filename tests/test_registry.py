@@ -1,4 +1,5 @@
-"""MLflow registry: stage runs, the pyfunc ensemble under alias champion, deletion tags, purge of tainted versions."""
+"""MLflow through the engine's publisher: stage runs spanning training, the pyfunc ensemble under alias
+champion, keyed deletion tags, descriptions, idempotent publishing, hard-deleted tainted versions."""
 from __future__ import annotations
 
 import json
@@ -6,13 +7,14 @@ import json
 import pandas as pd
 import pytest
 
-from s3t_ops.registry import Tracker, plan_digest
+from s3t_ops.registry import INVALIDATED_TAG, plan_digest
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone_dir):
     from s3t_ops.config import S3TConfig
     from s3t_ops.engine import S3T
+    from s3t_ops.publish import MlflowPublisher
     from tests.conftest import toy_frame
 
     root = tmp_path_factory.mktemp("reg")
@@ -20,33 +22,41 @@ def trained(tmp_path_factory, tiny_backbone_dir):
     toy_frame(90).to_csv(data, index=False)
     cfg = S3TConfig(shards=2, slices=2, budget=2, epochs=1, batch_size=8, lr=5e-3, max_tokens=16, lora_rank=4,
                     lora_alpha=8, n_train=None, n_val=10, n_test=10, backbone=str(tiny_backbone_dir), state_dir=root / "state")
-    engine = S3T(cfg, progress=False)
-    engine.ingest(data)
-    engine.build_trunk()
-    engine.train()
+    engine = S3T.create(cfg, data, progress=False, publisher=MlflowPublisher(root / "state", model_name="toy"))
+    engine.tags = {"dagster_run_id": "r1"}
+    engine.fit()
     return root, engine
 
 
-def test_stage_runs_and_champion_round_trip(trained):
+def test_stage_runs_span_training_and_keep_config_apart_from_stage_counts(trained):
+    root, engine = trained
+    tracker = engine.publisher.tracker
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens runs, not GenAI traces
+    runs = tracker.client.search_runs([tracker.experiment_id], "tags.`s3t.kind` = 'stage'")
+    assert len(runs) == len({s.key for s in engine.stage_specs()})
+    rows = engine.checkpoint_rows()
+    for run in runs:
+        row = rows[run.data.tags["s3t.checkpoint_key"]]
+        assert run.data.tags["dagster_run_id"] == "r1"
+        assert run.data.params["config.n_train"] == "None" and run.data.params["stage.n_examples"] == str(row["n_train"])
+        assert run.info.end_time - run.info.start_time >= 0.8 * row["seconds"] * 1000  # the run spans the training
+    history = tracker.client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert len(history) == engine.cfg.epochs
+
+
+def test_champion_round_trip_and_forget_moves_it(trained):
     import mlflow.pyfunc
 
     root, engine = trained
-    tracker = Tracker(f"sqlite:///{root}/mlflow.db", model_name="toy", artifact_root=str(root / "art"))
-    row = dict(engine._checkpoint_rows()[engine.stage_specs()[0].key])
-    run_id = tracker.log_stage(row, engine.cfg.to_dict(), [1.0, 0.5], [0.4, 0.6], tags={"dagster_run_id": "r1"})
-    run = tracker.client.get_run(run_id)
-    assert run.data.tags["s3t.checkpoint_key"] == row["key"] and run.data.tags["dagster_run_id"] == "r1"
-    assert run.data.params["shards"] == "2"
-    history = tracker.client.get_metric_history(run_id, "train_loss")
-    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1.0, 0.5]
-
-    assert tracker.champion() is None
-    pid, _ = engine.serve()
-    record = engine.served()[1]
-    v1 = tracker.register_plan(engine, pid, record)
+    tracker = engine.publisher.tracker
+    pid, record = engine.served()
     champ = tracker.champion()
-    assert champ["version"] == v1 and champ["plan_digest"] == plan_digest(record)
+    assert champ["plan_digest"] == plan_digest(record) and champ["plan_id"] == str(pid)
     assert json.loads(champ["tags"]["depths"]) == {"0": 2, "1": 2}
+    assert f"S3T serving plan {pid}" in champ["description"]
+    assert "exact unlearning" in tracker.client.get_registered_model("toy").description
+    v1 = champ["version"]
 
     model = mlflow.pyfunc.load_model("models:/toy@champion")
     texts = ["great day number 1 !", "awful day number 2 ."]
@@ -57,19 +67,40 @@ def test_stage_runs_and_champion_round_trip(trained):
     assert out["label"].tolist() == [names[i] for i in labels.tolist()]
     assert out[[f"prob_{n}" for n in names]].to_numpy() == pytest.approx(probs.double().numpy(), abs=1e-6)
 
-    # a deletion: the new version honours it, the old (tainted) version is purged with its artifacts
-    victim = engine.ledger.examples("train")["id"].iloc[0]
-    report = engine.forget([victim])
-    v2 = tracker.register_plan(engine, report.plan_id, engine.served()[1])
-    champ = tracker.champion()
-    assert champ["version"] == v2 > v1
-    assert victim in champ["tags"]["honoured_deletions"].split(",")
-    assert champ["tags"]["honoured_deletions_count"] == "1"
+    # a deletion: forget() alone moves the champion, and the tainted version is hard-deleted with its files
+    victim = engine.examples("train")["id"].iloc[0]
     old_run = tracker.client.get_model_version("toy", str(v1)).run_id
-    assert tracker.purge_superseded(engine) == [v1]
-    assert [v["version"] for v in tracker.versions()] == [v2]
-    assert tracker.client.get_run(old_run).info.lifecycle_stage == "deleted"
-    gone = {k for keys in record["checkpoints"].values() for k in keys} - {
+    old_files = [p for p in (root / "state" / "mlartifacts").rglob("*.safetensors")]
+    report = engine.forget([victim])
+    champ = tracker.champion()
+    assert champ["version"] == report.model_version > v1 and champ["plan_id"] == str(report.plan_id)
+    honoured = champ["tags"]["honoured_deletions"].split(",")
+    assert engine.ledger.tombstone(victim) in honoured and victim not in honoured  # keyed, never the raw id
+    assert champ["tags"]["honoured_deletions_count"] == "1"
+    assert [v["version"] for v in tracker.versions()] == [champ["version"]]
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
+        tracker.client.get_run(old_run)  # hard-deleted, not only marked deleted
+    stale = {k for keys in record["checkpoints"].values() for k in keys} - {
         k for keys in engine.served()[1]["checkpoints"].values() for k in keys}
-    assert gone and not [p for p in (root / "art").rglob("*.safetensors") if p.stem in gone]
+    assert stale and old_files and not [p for p in (root / "state" / "mlartifacts").rglob("*.safetensors") if p.stem in stale]
+    invalid = tracker.client.search_runs([tracker.experiment_id], f"tags.`{INVALIDATED_TAG}` = 'true'")
+    every = engine.ledger.checkpoints(live_only=False)
+    purged = set(every[every["purge_reason"].fillna("").str.startswith("stale")]["key"])
+    assert stale <= purged and len(purged) == report.purged_checkpoints
+    assert {r.data.tags["s3t.checkpoint_key"] for r in invalid} == purged  # every invalidated stage run is marked
     assert tracker.purge_superseded(engine) == []  # idempotent; the champion is never purged
+
+
+def test_publishing_is_idempotent(trained):
+    """A plan gets one version: publishing again (a retry after a crash) reuses it, even without the alias."""
+    root, engine = trained
+    tracker = engine.publisher.tracker
+    pid, record = engine.served()
+    version = tracker.publish_plan(engine, pid, record)
+    assert version == tracker.champion()["version"]
+    tracker.client.delete_registered_model_alias("toy", "champion")  # as if a crash came before the alias moved
+    assert tracker.publish_plan(engine, pid, record) == version
+    assert tracker.champion()["version"] == version
+    assert len(tracker.versions()) == 1

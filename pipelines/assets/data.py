@@ -5,7 +5,7 @@ import time
 import dagster as dg
 
 from pipelines.partitions import S3TPartitions
-from pipelines.resources import S3TResource
+from pipelines.resources import MlflowResource, S3TResource
 
 
 class IngestConfig(dg.Config):
@@ -14,15 +14,15 @@ class IngestConfig(dg.Config):
 
 def build_data_assets(parts: S3TPartitions) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name="data", pool="s3t_ledger", description="Examples in the ledger with their (shard, slice); val/test trunk cache.")
-    def examples(context: dg.AssetExecutionContext, config: IngestConfig, s3t: S3TResource) -> dg.MaterializeResult:
+    def examples(context: dg.AssetExecutionContext, config: IngestConfig, s3t: S3TResource, mlflow: MlflowResource) -> dg.MaterializeResult:
         t0 = time.perf_counter()
-        engine = s3t.engine()
-        if not engine.ledger.exists():
-            engine.ingest(None if config.source == "tweets" else config.source)
+        if not s3t.exists():
+            engine = s3t.create(None if config.source == "tweets" else config.source, mlflow.publisher(s3t.state_dir))
         else:
+            engine = s3t.engine(run_id=context.run_id)
             context.log.info(f"{s3t.state_dir} is already ingested; keeping its examples")
         engine.build_trunk(slices=[], eval_splits=True)
-        counts = engine.ledger.examples().groupby("split").size().to_dict()
+        counts = engine.examples().groupby("split").size().to_dict()
         return dg.MaterializeResult(metadata={
             **{f"n_{k}": int(v) for k, v in counts.items()},
             "deletions": len(engine.ledger.deletions()),
@@ -36,7 +36,7 @@ def build_data_assets(parts: S3TPartitions) -> list[dg.AssetsDefinition]:
     def slice_data(context: dg.AssetExecutionContext, s3t: S3TResource) -> dg.MaterializeResult:
         p = S3TPartitions.parse(context.partition_key)
         t0 = time.perf_counter()
-        out = s3t.engine().materialize_slice(p["shard"], p["slice"])
+        out = s3t.engine(run_id=context.run_id).materialize_slice(p["shard"], p["slice"])
         return dg.MaterializeResult(
             data_version=dg.DataVersion(out["version"]),
             metadata={"n_live": out["n_live"], "slice_version": out["version"], "trunk_rows": out["trunk_rows"],

@@ -1,11 +1,12 @@
-"""stage_1 .. stage_L, each partitioned by shard x sequence; a materialization trains only a missing checkpoint."""
+"""stage_1 .. stage_L, each partitioned by shard x sequence; a materialization trains only a missing checkpoint
+(the engine records it in a short transaction and logs its MLflow run)."""
 
 import time
 
 import dagster as dg
 
 from pipelines.partitions import S3TPartitions
-from pipelines.resources import MlflowResource, S3TResource
+from pipelines.resources import S3TResource
 
 
 def build_stage_assets(parts: S3TPartitions, automation: dg.AutomationCondition | None) -> list[dg.AssetsDefinition]:
@@ -21,23 +22,19 @@ def _stage_asset(parts: S3TPartitions, k: int, automation: dg.AutomationConditio
               automation_condition=automation,
               description=f"Stage {k}: LoRA of group {k} from the top + head, trained on the first {k} slices of the sequence. "
                           "Data version = the checkpoint's content key.")
-    def _stage(context: dg.AssetExecutionContext, s3t: S3TResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    def _stage(context: dg.AssetExecutionContext, s3t: S3TResource) -> dg.MaterializeResult:
         p = S3TPartitions.parse(context.partition_key)
         t0 = time.perf_counter()
-        engine = s3t.engine()
+        engine = s3t.engine(run_id=context.run_id)
+        engine.tags["dagster_partition"] = str(context.partition_key)
         row, reused = engine.materialize_stage(p["shard"], p["seq"], k)
-        t1 = time.perf_counter()
-        if not reused:
-            mlflow.tracker(s3t.state_dir).log_stage(
-                row, engine.cfg.to_dict(), row["epoch_losses"], row["epoch_accuracies"],
-                tags={"dagster_run_id": context.run_id, "dagster_partition": str(context.partition_key)})
         return dg.MaterializeResult(
             data_version=dg.DataVersion(row["key"]),
             metadata={"checkpoint_key": row["key"], "reused": reused, "prefix": row["prefix"],
                       "n_train": int(row["n_train"]), "val_accuracy": float(row["val_acc"] or 0.0),
                       "grad_example_steps": 0 if reused else int(row["grad_example_steps"]),
                       "train_seconds": 0.0 if reused else float(row["seconds"]),
-                      "engine_seconds": t1 - t0, "mlflow_seconds": time.perf_counter() - t1},
+                      "engine_seconds": time.perf_counter() - t0},
         )
 
     return _stage

@@ -117,7 +117,7 @@ class SharedData:
 
     @classmethod
     def from_engine(cls, engine) -> "SharedData":
-        """From an S3T engine after `ingest()` and `build_trunk()`: same ledger, same backbone, same trunk."""
+        """From an S3T engine after `S3T.create` and `build_trunk()`: same ledger, same backbone, same trunk."""
         train = engine.ledger.examples("train")
         cells = {str(i): (int(s), int(j)) for i, s, j in zip(train["id"], train["shard"], train["slice"])}
         every = engine.ledger.examples()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from s3t_ops.baselines.base import FitReport, ForgetCost, LogitCache, UnlearningSystem, accuracy, aggregate
+from s3t_ops.baselines.base import FitReport, ForgetCost, LogitCache, UnlearningSystem
 from s3t_ops.ensemble import Ensemble, ShardModel
 from s3t_ops.planner import plan_for_deletions
 
@@ -36,9 +36,7 @@ class S3TSystem(UnlearningSystem):
         self._labels: dict[str, torch.Tensor] = {}
 
     def fit(self) -> FitReport:
-        self.engine.build_trunk()
-        report = self.engine.train()
-        self.engine.serve()
+        report = self.engine.fit()
         return FitReport(report.seconds, report.grad_example_steps, len(report.trained))
 
     def clone(self, state_dir: str | Path, retrain_every: int | None = None, name: str | None = None) -> "S3TSystem":
@@ -49,11 +47,11 @@ class S3TSystem(UnlearningSystem):
         if dst.exists():
             raise FileExistsError(f"{dst} already exists")
         shutil.copytree(self.engine.root, dst)
-        engine = S3T.open(dst, backbone=self.engine.backbone, progress=self.engine.progress)
+        engine = S3T.open(dst, backbone=self.engine.backbone, progress=self.engine.progress, publisher=self.engine.publisher)
         return S3TSystem(engine, self.retrain_every if retrain_every is None else retrain_every, name)
 
     def forget(self, ids: Iterable[str]) -> ForgetCost:
-        rep = self.engine.forget(ids)
+        rep = self.engine.forget(ids)  # the engine's whole lifecycle step: honour, publish, erase
         self._pending += 1
         for s, j in rep.dirty:
             self._dirty.setdefault(int(s), set()).add(int(j))
@@ -63,8 +61,7 @@ class S3TSystem(UnlearningSystem):
         bg_s, bg_steps, trained = 0.0, 0, 0
         if self.retrain_every and self._pending >= self.retrain_every:
             t0 = time.perf_counter()
-            tr = self.engine.train()
-            self.engine.serve()
+            tr = self.engine.retrain()
             bg_s, bg_steps, trained = time.perf_counter() - t0, tr.grad_example_steps, len(tr.trained)
             self._pending = 0
             self._dirty.clear()
@@ -91,17 +88,13 @@ class S3TSystem(UnlearningSystem):
                 continue
 
             def compute(s=s, keys=keys):
-                states = [self.engine.store.load(k) for k in keys]
+                states = [self.engine.load_checkpoint(k) for k in keys]
                 return Ensemble(self.engine.backbone, [ShardModel(s, len(keys), states)], n).shard_logits_from_trunk(trunk)[s]
 
             out[s] = self._cache.get(split, s, tuple(keys), compute)  # keys are content hashes: a perfect cache token
         return out
 
-    def evaluate(self, split: str = "test") -> float:
-        logits = self.shard_logits(split)
-        if not logits:
-            return float("nan")
+    def eval_labels(self, split: str) -> torch.Tensor:
         if split not in self._labels:
-            trunk = self.engine.trunk(f"{split}.safetensors")
-            self._labels[split] = self.engine._labels(trunk.ids)
-        return accuracy(aggregate(list(logits.values()), "mean"), self._labels[split])
+            self._labels[split] = self.engine.labels(self.engine.trunk(f"{split}.safetensors").ids)
+        return self._labels[split]

@@ -61,18 +61,24 @@ def load_packaged_tweets() -> pd.DataFrame:
 def load_user_file(path: str | Path) -> pd.DataFrame:
     """CSV or Parquet with `text` and `label` columns and an optional `id` column."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a CSV or Parquet file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            frame = pd.read_csv(path, encoding_errors="replace")
+            # strict UTF-8: a silently replaced byte would change the text, and so the example's id
+            frame = pd.read_csv(path, encoding="utf-8")
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
             raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv or .parquet")
     except DataError:
         raise
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                        "re-save it as UTF-8") from None
     except Exception as exc:  # pandas raises many parser error types
         raise DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     missing = [c for c in ("text", "label") if c not in frame.columns]

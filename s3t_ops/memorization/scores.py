@@ -117,11 +117,12 @@ def inventory_scores(engine: "S3T", stratify: bool = True, batch_size: int = 256
     trunks = [engine.slice_trunk(int(s), int(j)) for s, j in train[["shard", "slice"]].drop_duplicates().itertuples(index=False)]
     trunk = TrunkCache.concat(trunks)
     ids = trunk.ids
-    labels = engine._labels(ids)
+    labels = engine.labels(ids)
     rows = torch.arange(len(ids))
+    tombs = engine.ledger.keyring.tombstones(ids)
     frame = engine.ledger.checkpoints().astype(object)
     frame = frame.where(frame.notna(), None)
-    live = {r["key"]: r for r in frame.to_dict("records") if engine.store.exists(r["key"])}
+    live = {r["key"]: r for r in frame.to_dict("records") if engine.store.intact(r["key"], r["sha256"])}
     backbone = engine.backbone
     correct, seen, depth = [], [], []
     for key, row in live.items():
@@ -131,7 +132,7 @@ def inventory_scores(engine: "S3T", stratify: bool = True, batch_size: int = 256
             k = live[k]["parent_key"]
         if len(chain) != int(row["stage"]):
             continue  # an ancestor was purged: this checkpoint cannot be run
-        states = [engine.store.load(c) for c in reversed(chain)]
+        states = [engine.store.load(c, live[c]["sha256"]) for c in reversed(chain)]
         load_prefix(backbone, states)
         backbone.activate(len(states))
         head = torch.nn.Linear(backbone.hidden_size, len(engine.label_names))
@@ -139,8 +140,8 @@ def inventory_scores(engine: "S3T", stratify: bool = True, batch_size: int = 256
         head.eval()
         logits = depth_logits(backbone, head, trunk, rows, len(states), batch_size)
         correct.append((logits.argmax(-1) == labels).numpy())
-        lineage = engine.ledger.lineage_ids(key)
-        seen.append(np.array([i in lineage for i in ids]))
+        lineage = engine.ledger.lineage(key)  # keyed tombstones of the examples it saw
+        seen.append(np.array([t in lineage for t in tombs]))
         depth.append(len(states))
     if not correct:
         raise RuntimeError("no live stage checkpoint to estimate memorization from; train the S3T model first")

@@ -49,8 +49,8 @@ def splits_from_engine(engine: "S3T") -> Splits:
     cells = sorted({(int(s), int(j)) for s, j in zip(train["shard"], train["slice"])})
     trunk = TrunkCache.concat([engine.slice_trunk(s, j) for s, j in cells])
     val, test = engine.trunk("val.safetensors"), engine.trunk("test.safetensors")
-    return Splits(LabeledTrunk(trunk, engine._labels(trunk.ids)), LabeledTrunk(val, engine._labels(val.ids)),
-                  LabeledTrunk(test, engine._labels(test.ids)), list(engine.label_names))
+    return Splits(LabeledTrunk(trunk, engine.labels(trunk.ids)), LabeledTrunk(val, engine.labels(val.ids)),
+                  LabeledTrunk(test, engine.labels(test.ids)), list(engine.label_names))
 
 
 def splits_from_frame(backbone: "Backbone", frame: pd.DataFrame, label_names: Sequence[str] = ()) -> Splits:

@@ -1,0 +1,68 @@
+"""Named crash points, so crash tests kill the process at an exact step instead of relying on timing.
+
+`S3T_CRASH_AT=<point>` makes the process SIGKILL itself the first time it reaches `crash_point(point)`
+(`S3T_CRASH_AT=<point>:<n>`: the n-th time). `S3T_PAUSE_AT=<point>:<file>` makes it wait at that point
+until `<file>` exists (it touches `<file>.reached` on arrival), so a test can run a second command
+in between, deterministically. Unset, both cost one dictionary lookup.
+
+Every point is listed in POINTS with the step it interrupts; the crash tests iterate over them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+POINTS = {
+    # ingest (a new state folder)
+    "during_ingest": "ledger written in the temporary folder, before it is renamed into place",
+    # forget: honour, publish, erase
+    "before_deletion_commit": "deletion rows, new slice versions and the plan written, transaction not committed",
+    "after_deletion_commit": "honoured in the ledger; registry not told, nothing erased",
+    "after_model_logged": "ensemble run and model logged in MLflow, no registry version yet",
+    "after_version_registered": "registry version created, before its tags and the champion alias",
+    "after_alias_moved": "champion moved, before the ledger records the plan as published",
+    "during_trunk_erase": "one cached-trunk file rewritten without the deleted rows, others not yet",
+    "during_slice_erase": "one slice Parquet file rewritten, others not yet",
+    "during_registry_erase": "one tainted registry version deleted, its run not yet",
+    "during_compaction": "ledger copy written beside the old file, before it replaces it",
+    "before_erased_mark": "everything erased, before the ledger marks the deletions erased",
+    "during_purge": "one stale checkpoint file deleted, its row not yet marked purged",
+    # training
+    "before_checkpoint_record": "a stage trained and written under a temporary name, before its ledger transaction",
+    "after_checkpoint_file": "checkpoint file renamed into place, no ledger row yet",
+    "before_checkpoint_commit": "checkpoint row about to be committed (validity checked in the same transaction)",
+    "after_checkpoint_commit": "checkpoint recorded, before the next stage",
+    "before_retrained_mark": "every stage trained, before deletions are marked retrained",
+}
+
+_hits: dict[str, int] = {}
+
+
+def _parse(var: str) -> tuple[str, str] | None:
+    value = os.environ.get(var)
+    if not value:
+        return None
+    point, _, arg = value.partition(":")
+    return point, arg
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL here when S3T_CRASH_AT names this point (after its n-th arrival); pause when S3T_PAUSE_AT does."""
+    if name not in POINTS:
+        raise ValueError(f"unknown crash point {name!r}")
+    crash = _parse("S3T_CRASH_AT")
+    if crash and crash[0] == name:
+        _hits[name] = _hits.get(name, 0) + 1
+        if _hits[name] >= int(crash[1] or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+    pause = _parse("S3T_PAUSE_AT")
+    if pause and pause[0] == name and pause[1]:
+        release = Path(pause[1])
+        Path(str(release) + ".reached").touch()
+        deadline = time.monotonic() + float(os.environ.get("S3T_PAUSE_TIMEOUT", "120"))
+        while not release.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"paused at {name} but {release} never appeared")
+            time.sleep(0.02)

@@ -1,0 +1,145 @@
+"""Where the engine reports what happened: a trained stage, a served plan, invalidated stages, erasure.
+
+The engine calls its publisher from the lifecycle (`fit`, `forget`, `retrain`, `repair`), so the CLI,
+the Dagster assets and the demo leave the same registry behind. `MlflowPublisher` is the default:
+one MLflow run per trained stage, a registered model version per served plan with alias `champion`,
+and erasure of versions and runs that hold a deleted example. `Publisher` itself does nothing (for
+tests and benchmarks that do not need a registry).
+
+Which registry a state publishes to is fixed when the state is created and recorded in its ledger
+(`registry` in the meta table): every later door publishes there too.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from s3t_ops.engine import S3T
+    from s3t_ops.registry import Tracker
+
+# read at import, before mlflow is imported: mlflow.set_tracking_uri() writes this variable in-process
+_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
+DEFAULT_MODEL_NAME = "s3t-ensemble"
+DEFAULT_EXPERIMENT = "s3t"
+KINDS = ("mlflow", "none")
+
+
+class PublishError(RuntimeError):
+    """The registry could not be updated; the ledger is consistent and the next command retries."""
+
+
+class Publisher:
+    """Does nothing: the ledger alone is the record."""
+
+    registers = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "none"}
+
+    def stage_trained(self, engine: "S3T", row: dict) -> None:
+        pass
+
+    def plan_served(self, engine: "S3T", plan_id: int, record: dict) -> int | None:
+        return None
+
+    def stages_invalidated(self, engine: "S3T", keys: list[str]) -> None:
+        pass
+
+    def erase(self, engine: "S3T") -> list[str]:
+        """Remove what the registry holds of deleted examples; returns what was removed."""
+        return []
+
+    def champion(self) -> dict | None:
+        return None
+
+
+NullPublisher = Publisher
+
+
+class MlflowPublisher(Publisher):
+    """MLflow tracking + model registry (a SQLite store in the state folder unless a URI is given)."""
+
+    registers = True
+
+    def __init__(self, state_dir, tracking_uri: str | None = None, model_name: str = DEFAULT_MODEL_NAME,
+                 experiment: str = DEFAULT_EXPERIMENT):
+        self.state_dir = state_dir
+        self.tracking_uri = tracking_uri or None
+        self.model_name = model_name
+        self.experiment = experiment
+        self._tracker: "Tracker | None" = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "mlflow", "tracking_uri": self.tracking_uri, "model_name": self.model_name, "experiment": self.experiment}
+
+    @property
+    def tracker(self) -> "Tracker":
+        if self._tracker is None:
+            from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
+
+            self._tracker = Tracker(self.tracking_uri or default_tracking_uri(self.state_dir), experiment=self.experiment,
+                                    model_name=self.model_name, artifact_root=default_artifact_root(self.state_dir))
+        return self._tracker
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except PublishError:
+            raise
+        except Exception as exc:  # MLflow raises many types (HTTP, SQL, IO)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PublishError(f"MLflow registry at {self.tracking_uri or 'the state folder'}: {what} failed ({first}); "
+                               "the ledger is consistent and the next s3t command retries") from exc
+
+    def stage_trained(self, engine: "S3T", row: dict) -> None:
+        self._call("logging a stage run", self.tracker.log_stage, row, engine.cfg.to_dict(), engine.tags)
+
+    def plan_served(self, engine: "S3T", plan_id: int, record: dict) -> int | None:
+        return self._call("registering the served plan", self.tracker.publish_plan, engine, plan_id, record)
+
+    def stages_invalidated(self, engine: "S3T", keys: list[str]) -> None:
+        self._call("tagging invalidated stage runs", self.tracker.tag_invalidated, keys)
+
+    def erase(self, engine: "S3T") -> list[str]:
+        return self._call("erasing versions and runs", self.tracker.erase, engine)
+
+    def champion(self) -> dict | None:
+        return self.tracker.champion()
+
+
+def publisher_from(settings: dict[str, Any], state_dir) -> Publisher:
+    kind = settings.get("kind", "mlflow")
+    if kind == "none":
+        return Publisher()
+    if kind != "mlflow":
+        raise ValueError(f"registry kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return MlflowPublisher(state_dir, settings.get("tracking_uri"), settings.get("model_name") or DEFAULT_MODEL_NAME,
+                           settings.get("experiment") or DEFAULT_EXPERIMENT)
+
+
+def settings_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """S3T_REGISTRY (mlflow | none), MLFLOW_TRACKING_URI, S3T_MODEL_NAME: used when a state is created."""
+    kind = (os.environ if env is None else env).get("S3T_REGISTRY", "mlflow")
+    if kind not in KINDS:
+        raise ValueError(f"S3T_REGISTRY must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "none":
+        return {"kind": "none"}
+    uri = (env.get("MLFLOW_TRACKING_URI") or None) if env is not None else _ENV_TRACKING_URI
+    return {"kind": "mlflow", "tracking_uri": uri,
+            "model_name": (os.environ if env is None else env).get("S3T_MODEL_NAME") or DEFAULT_MODEL_NAME,
+            "experiment": DEFAULT_EXPERIMENT}
+
+
+def default_publisher(engine: "S3T") -> Publisher:
+    """The registry recorded in the state's ledger (fixed at creation). An MLFLOW_TRACKING_URI that
+    names another store is an error: two doors must not publish to two registries."""
+    recorded = engine.ledger.get_meta("registry")
+    if recorded is None:
+        recorded = settings_from_env()
+        engine.ledger.set_meta("registry", recorded)
+    env_uri = _ENV_TRACKING_URI
+    if recorded.get("kind") == "mlflow" and env_uri and env_uri != recorded.get("tracking_uri"):
+        raise ValueError(f"state {engine.root} publishes to {recorded.get('tracking_uri') or 'its own MLflow store'} "
+                         f"(fixed when it was created), but MLFLOW_TRACKING_URI is {env_uri}; unset it")
+    return publisher_from(recorded, engine.root)

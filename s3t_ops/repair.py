@@ -1,0 +1,78 @@
+"""Repair on open: finish or undo what a crash (or damage) left, before a command does anything else.
+
+Every step is idempotent and driven by what is on disk and in the ledger, never by memory of the
+crashed process:
+- temporaries of dead writers (`*.tmp-<pid>`) and a stale ledger copy from compaction are removed;
+- checkpoint files without a ledger row (a crash between file and row) are orphans: deleted;
+- live rows whose file is missing or damaged (sha256 mismatch) are purged: the stage is missing and
+  retrains; it is never served;
+- checkpoints made stale by a deletion but not yet purged are purged;
+- deletions not honoured by a plan (not possible with the atomic honour path, kept as a guard), and a
+  served plan that names a purged checkpoint, get a new served plan;
+- the latest plan is published if the registry has not heard of it (champion moved);
+- deletions not yet erased are erased (see erasure.py).
+The returned report lists what was done, one line per action (empty: nothing to repair).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from s3t_ops.files import remove_temporaries
+
+if TYPE_CHECKING:
+    from s3t_ops.engine import RepairReport, S3T
+
+
+def repair(engine: "S3T") -> "RepairReport":
+    from s3t_ops.engine import RepairReport
+    from s3t_ops.erasure import erase_pending
+
+    report = RepairReport()
+    say = report.actions.append
+    for sub in ("checkpoints", "trunk", "slices", "memorization"):
+        for p in remove_temporaries(engine.root / sub):
+            say(f"removed temporary file {p}")
+    for p in engine.ledger.remove_compaction_leftovers():
+        say(f"removed unfinished ledger copy {p}")
+
+    with engine.ledger.locked():  # no trainer can place a file or record a row meanwhile
+        rows = engine.checkpoint_rows()
+        on_disk = engine.store.keys_on_disk()
+        for key in sorted(on_disk - set(rows)):
+            engine.store.delete(key)
+            say(f"deleted orphan checkpoint file {engine.store.path(key)} (no ledger row: a crash between file and row)")
+        missing = [k for k in rows if not engine.store.exists(k)]
+        damaged = [k for k in rows if engine.store.exists(k) and not engine.store.intact(k, rows[k]["sha256"])]
+        for k in damaged:
+            say(f"checkpoint file {engine.store.path(k)} is damaged (sha256 differs from the ledger's): removed; "
+                f"stage {rows[k]['stage']} of shard {rows[k]['shard']} will retrain and is not served")
+            engine.store.delete(k)
+        for k in missing:
+            say(f"checkpoint file {engine.store.path(k)} is missing: stage {rows[k]['stage']} of shard {rows[k]['shard']} will retrain")
+        engine.ledger.mark_purged(missing, "file missing")
+        engine.ledger.mark_purged(damaged, "file damaged")
+        engine._forget_cache()
+
+    if engine.ledger.pending_erasure() or missing or damaged:
+        n = engine.purge_stale()
+        if n:
+            say(f"purged {n} stale checkpoint(s) trained on deleted examples")
+
+    latest = engine.served()
+    live = engine.checkpoint_rows()
+    broken = latest is not None and any(k not in live for keys in latest[1]["checkpoints"].values() for k in keys)
+    if engine.ledger.unhonoured() or broken:
+        pid, _ = engine.serve()
+        say(f"served plan {pid}" + (" (the previous one named a missing or damaged checkpoint)" if broken else
+                                    " honouring deletions that no plan honoured yet"))
+    elif latest is not None and engine.ledger.publication(latest[0])[0] is None and engine.publisher.registers:
+        version = engine.publish()
+        say(f"published plan {latest[0]} to the registry (champion -> version {version})")
+
+    pending = engine.ledger.pending_erasure()
+    if pending:
+        er = erase_pending(engine)
+        say(f"erased {len(pending)} deleted example(s): {er.trunk_files} trunk file(s), {er.slice_files} slice file(s), "
+            f"{len(er.memorization)} memorization artifact(s), {len(er.registry)} registry item(s), ledger compacted"
+            + ("" if er.complete else "; registry erasure waits for the plan to be published"))
+    return report

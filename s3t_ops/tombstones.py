@@ -1,0 +1,55 @@
+"""Keyed tombstones: what the ledger and the registry keep of a deleted example.
+
+Example ids are content hashes (or the user's own ids), so keeping a deleted id, or publishing it in a
+registry tag, would let anyone holding a candidate text confirm that it was in the data and was
+deleted. Instead every id is kept as HMAC-SHA256(secret, id), with a random secret per state folder
+(`secret.key`, readable by the owner only): without the secret a tombstone reveals nothing, and the
+state's owner can still answer "is this id deleted?" (`s3t status --id ID`).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from s3t_ops.files import write_atomic
+
+SECRET_FILE = "secret.key"
+
+
+class Keyring:
+    def __init__(self, secret: bytes):
+        if len(secret) < 16:
+            raise ValueError("the tombstone secret must hold at least 16 bytes")
+        self._secret = secret
+
+    @classmethod
+    def create(cls, state_dir: Path) -> "Keyring":
+        secret = os.urandom(32)
+
+        def write(tmp: Path) -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secret.hex() + "\n")
+
+        write_atomic(Path(state_dir) / SECRET_FILE, write)
+        return cls(secret)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "Keyring":
+        path = Path(state_dir) / SECRET_FILE
+        try:
+            text = path.read_text().strip()
+            return cls(bytes.fromhex(text))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is missing: tombstones of deleted examples cannot be checked without it") from None
+        except ValueError:
+            raise ValueError(f"{path} is damaged (not a hex secret)") from None
+
+    def tombstone(self, example_id: str) -> str:
+        return hmac.new(self._secret, str(example_id).encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+    def tombstones(self, ids: Iterable[str]) -> list[str]:
+        return [self.tombstone(i) for i in ids]
