@@ -21,6 +21,7 @@ import pandas as pd
 
 from s3t_ops.faults import crash_point
 
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines: no usage pings on the honour path
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-file bars drown the pipeline's logs
 # the ensemble's predict takes a DataFrame checked against the logged signature; MLflow's nag for type hints is noise
 warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*", category=UserWarning)
