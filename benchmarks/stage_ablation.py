@@ -6,6 +6,7 @@ then, on the same data, backbone and trunk:
   S3T's sequence 0 and S3T with B = 1), served at full depth and averaged over shards;
 - classic SISA (one LoRA over every group, trained slice by slice), unless the variant changes only
   S3T's stage model (then the baseline variant's SISA figure is the comparison).
+Variants can be combined: `--variants baseline refine_groups+lr3e-3` runs the union of their changes.
 Accuracy is measured on val and test together (more examples, smaller error bars); fit seconds are
 wall time of this process (use --threads 1 on a shared machine). Results are written after every
 variant, and a rerun skips variants already in the output (the script resumes).
@@ -34,6 +35,7 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "lr3e-3": ({"lr": 3e-3}, True),
     "epochs4": ({"epochs": 4}, True),
     "frozen3": ({"frozen_blocks": 3}, False),
+    "refine_groups": ({"refine_groups": True}, False),
 }
 
 
@@ -94,8 +96,13 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = base_parser(NAME, __doc__)
     model_args(p, shards=5, slices=3, budget=1, n_train=3000, n_val=1000, n_test=1000)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run, in order")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"variants to run, in order; join with + to combine "
+                                                                          f"({', '.join(VARIANTS)})")
     args = p.parse_args(argv)
+    for name in args.variants:
+        unknown = [v for v in name.split("+") if v not in VARIANTS]
+        if unknown:
+            p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     apply_threads(args)
     out = Path(args.out)
     path = out / f"{NAME}.json"
@@ -108,7 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
         if name in result["variants"]:
             print(f"{name}: already measured, skipped", flush=True)
             continue
-        overrides, with_sisa = VARIANTS[name]
+        parts = [VARIANTS[v] for v in name.split("+")]
+        overrides = {k: v for o, _ in parts for k, v in o.items()}
+        with_sisa = any(w for _, w in parts)
         result["variants"][name] = run_variant(args, name, overrides, with_sisa, root)
         result["n_train"] = result["variants"][name]["n_train"]
         write_json(out, NAME, result)

@@ -116,11 +116,29 @@ class CheckpointStore:
 
 
 def split_state(state: dict[str, "torch.Tensor"]) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
-    """Checkpoint -> (LoRA state of its group, head state)."""
+    """Checkpoint -> (LoRA state of its own group, head state)."""
     lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     return lora, head
 
 
+def group_states(state: dict[str, "torch.Tensor"], stage: int) -> dict[int, dict[str, "torch.Tensor"]]:
+    """The LoRA states a stage checkpoint holds, by group: {stage: ...} for a classic stage ("lora.*"),
+    {1..stage: ...} for a stage that also refined the groups above it ("lora.g<i>.*", config refine_groups)."""
+    out: dict[int, dict[str, "torch.Tensor"]] = {}
+    for k, v in state.items():
+        if k.startswith("lora.g") and k[6:].split(".", 1)[0].isdigit():
+            g, rest = k[6:].split(".", 1)
+            out.setdefault(int(g), {})[rest] = v
+        elif k.startswith("lora."):
+            out.setdefault(stage, {})[k[len("lora."):]] = v
+    return out
+
+
 def join_state(lora: dict[str, "torch.Tensor"], head: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
     return {**{f"lora.{k}": v for k, v in lora.items()}, **{f"head.{k}": v for k, v in head.items()}}
+
+
+def join_groups(loras: dict[int, dict[str, "torch.Tensor"]], head: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    return {**{f"lora.g{g}.{k}": v for g, lora in loras.items() for k, v in lora.items()},
+            **{f"head.{k}": v for k, v in head.items()}}

@@ -34,6 +34,7 @@ class S3TConfig:
     lora_targets: tuple[str, ...] = ("query", "value")
     frozen_blocks: int = 0  # lowest blocks never adapted: one cached trunk below every group
     warm_start_head: bool = True  # stage k's head starts from stage k-1's (its data is a prefix of stage k's)
+    refine_groups: bool = False  # stage k also keeps training groups 1..k-1 (from stage k-1's) on its prefix
     epochs: int = 2
     batch_size: int = 32
     lr: float = 1e-3
@@ -81,8 +82,9 @@ class S3TConfig:
                 raise ConfigError("deletion_prior", "probabilities must lie in [0, 1]")
         if not isinstance(self.frozen_blocks, int) or isinstance(self.frozen_blocks, bool) or self.frozen_blocks < 0:
             raise ConfigError("frozen_blocks", f"must be a non-negative integer, got {self.frozen_blocks!r}")
-        if not isinstance(self.warm_start_head, bool):
-            raise ConfigError("warm_start_head", f"must be true or false, got {self.warm_start_head!r}")
+        for name in ("warm_start_head", "refine_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if not self.lr > 0:
@@ -115,6 +117,8 @@ class S3TConfig:
             values["frozen_blocks"] = self.frozen_blocks
         if not self.warm_start_head:
             values["warm_start_head"] = False
+        if self.refine_groups:
+            values["refine_groups"] = True
         payload = json.dumps(values, sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from s3t_ops.backbone import Backbone, new_head
-from s3t_ops.checkpoints import join_state, split_state
+from s3t_ops.checkpoints import group_states, join_groups, join_state, split_state
 from s3t_ops.trunk import TrunkCache
 
 
@@ -37,11 +37,13 @@ def epoch_order(ids: Sequence[str], seed: int, epoch: int) -> list[int]:
 
 
 def load_prefix(backbone: Backbone, parents: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
-    """Load groups 1..k-1 from their stage checkpoints; returns the last head (or None)."""
+    """Load groups 1..k-1 from their stage checkpoints, in order (a stage that refined the groups above it
+    overrides them); returns the last head (or None)."""
     head = None
-    for g, state in enumerate(parents, start=1):
-        lora, head = split_state(state)
-        backbone.load_group(g, lora)
+    for stage, state in enumerate(parents, start=1):
+        for g, lora in sorted(group_states(state, stage).items()):
+            backbone.load_group(g, lora)
+        head = split_state(state)[1]
     return head
 
 
@@ -115,7 +117,8 @@ def fit_group(
         head = new_head(backbone.hidden_size, num_labels, seed)
         if parent_head is not None and cfg.warm_start_head:
             head.load_state_dict(parent_head)
-        params = backbone.group_parameters(k)
+        trained = list(range(1, k + 1)) if cfg.refine_groups else [k]  # refine: groups 1..k-1 keep learning on the prefix
+        params = [p for g in trained for p in backbone.group_parameters(g)]
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params + list(head.parameters()), lr=cfg.lr, weight_decay=0.0)
@@ -123,7 +126,7 @@ def fit_group(
         result = StageResult(state={}, grad_example_steps=0, steps=0)
         try:
             for epoch in range(cfg.epochs):
-                backbone.set_train_blocks(backbone.layout.blocks(k))
+                backbone.set_train_blocks([b for g in trained for b in backbone.layout.blocks(g)])
                 head.train()
                 order = torch.tensor(epoch_order(train_ids, seed, epoch), dtype=torch.long)
                 total_loss, correct = 0.0, 0
@@ -148,5 +151,9 @@ def fit_group(
             head.eval()
             for p in params:
                 p.requires_grad_(False)
-        result.state = join_state(backbone.group_state(k), {n: t.detach().clone() for n, t in head.state_dict().items()})
+        head_state = {n: t.detach().clone() for n, t in head.state_dict().items()}
+        if cfg.refine_groups:
+            result.state = join_groups({g: backbone.group_state(g) for g in trained}, head_state)
+        else:
+            result.state = join_state(backbone.group_state(k), head_state)
     return result, head

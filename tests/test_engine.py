@@ -383,3 +383,29 @@ def test_empty_slices_are_a_config_error_and_leave_no_state(tiny_config, toy_csv
     assert exc.value.field == "shards"
     # the same folder then takes a valid config
     assert create(tiny_config(), toy_csv).examples("train").shape[0] == 96
+
+
+@pytest.mark.parametrize("changes", [{"refine_groups": True}, {"frozen_blocks": 2}, {"warm_start_head": False}])
+def test_stage_model_levers_keep_retraining_bitwise_equal_to_scratch(tmp_path, tiny_backbone_dir, changes):
+    """Every stage-model lever the ablation tries keeps exactness: retrain after forget == scratch on D minus x."""
+    raw = toy_frame(60)
+    raw.to_csv(tmp_path / "D.csv", index=False)
+    cfg = make_cfg(tiny_backbone_dir, tmp_path / "A", shards=2, slices=2, budget=2, **changes)
+    eng = create(cfg, tmp_path / "D.csv")
+    eng.fit()
+    x = _pick(eng, 0, 0)
+    text = eng.examples().set_index("id").loc[x, "text"]
+    eng.forget([x])
+    assert eng.missing_stages()
+    eng.retrain()
+    raw[raw["text"] != text].to_csv(tmp_path / "D2.csv", index=False)
+    scratch = create(make_cfg(tiny_backbone_dir, tmp_path / "B", shards=2, slices=2, budget=2, **changes), tmp_path / "D2.csv")
+    scratch.fit()
+    ours, theirs = triples(eng.stage_specs()), triples(scratch.stage_specs())
+    assert ours == theirs
+    for key in ours.values():
+        assert eng.store.path(key).read_bytes() == scratch.store.path(key).read_bytes()
+    if changes.get("refine_groups"):  # a refined stage holds every group above it too
+        top = eng.load_checkpoint(ours[(0, 0, 2)])
+        assert any(k.startswith("lora.g1.") for k in top) and any(k.startswith("lora.g2.") for k in top)
+    assert eng.evaluate("test") == scratch.evaluate("test")
