@@ -9,7 +9,7 @@ class ForgetConfig(dg.Config):
     ids: list[str]  # example ids, or exact texts of live examples
 
 
-@dg.op(pool="s3t_ledger", description="Honour deletions at once (one ledger transaction), move the registry's champion, "
+@dg.op(description="Honour deletions at once (one ledger transaction), move the registry's champion, "
                                       "erase the examples' data everywhere.")
 def forget_examples(context: dg.OpExecutionContext, config: ForgetConfig, s3t: S3TResource) -> dict:
     from s3t_ops.ledger import UnknownExampleError

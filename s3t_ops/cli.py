@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _state_arg(p)
     p.add_argument("ids", nargs="*", help="example ids")
     p.add_argument("--file", help="file with one id per line, or a CSV with an `id` column")
+    p.add_argument("--json", action="store_true", help="machine-readable report (timings included)")
 
     p = sub.add_parser("status", help="data, deletions, served plan, registry champion and stale stages of a state folder")
     _state_arg(p)
@@ -271,6 +272,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
     ids = _read_ids(args)
     engine = _open(args.state)
     f = engine.forget(ids)
+    if args.json:
+        print(json.dumps({"new": len(f.new), "already": len(f.already), "dirty": [list(d) for d in f.dirty],
+                          "plan_id": f.plan_id, "model_version": f.model_version, "honour_s": f.honour_seconds,
+                          "publish_s": f.publish_seconds, "erase_s": f.erase_seconds, "champion_moved_at": f.champion_moved_at,
+                          "purged_checkpoints": f.purged_checkpoints,
+                          "depths": {str(c.shard): c.depth for c in f.plan.choices} if f.plan else {}}))
+        return 0
     print(f"forgot {len(f.new)} example(s)" + (f"; {len(f.already)} were already forgotten" if f.already else ""))
     if f.plan is None:
         print("no plan served yet: nothing to switch (train first)")

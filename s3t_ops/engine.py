@@ -103,6 +103,7 @@ class ForgetReport:
     erase_seconds: float  # cached states, slice files, memorization, registry, ledger bytes; stale checkpoints
     purged_checkpoints: int
     model_version: int | None = None
+    champion_moved_at: float | None = None  # wall clock (epoch seconds) when the registry served the new plan
     grad_example_steps: int = 0  # honouring never trains
 
 
@@ -617,12 +618,13 @@ class S3T:
         honour = time.perf_counter() - t0
         version = self.publish()
         published = time.perf_counter() - t0
+        moved_at = time.time() if version is not None else None
         t1 = time.perf_counter()
         purged = self.purge_stale()
         erase_pending(self)
         plan = ServingPlan.from_dict(receipt.record["plan"]) if receipt.record else None
         return ForgetReport(receipt.new, receipt.already, receipt.dirty, receipt.plan_id, plan, honour,
-                            published - honour, time.perf_counter() - t1, purged, version)
+                            published - honour, time.perf_counter() - t1, purged, version, moved_at)
 
     def purge_stale(self) -> int:
         """Delete checkpoints no longer valid under the current data (their lineage holds a deleted id);

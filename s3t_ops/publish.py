@@ -12,6 +12,7 @@ Which registry a state publishes to is fixed when the state is created and recor
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class Publisher:
         return None
 
 
+
 NullPublisher = Publisher
 
 
@@ -69,18 +71,21 @@ class MlflowPublisher(Publisher):
         self.model_name = model_name
         self.experiment = experiment
         self._tracker: "Tracker | None" = None
+        self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "mlflow", "tracking_uri": self.tracking_uri, "model_name": self.model_name, "experiment": self.experiment}
 
     @property
     def tracker(self) -> "Tracker":
-        if self._tracker is None:
-            from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
+        with self._lock:
+            if self._tracker is None:
+                from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
 
-            self._tracker = Tracker(self.tracking_uri or default_tracking_uri(self.state_dir), experiment=self.experiment,
-                                    model_name=self.model_name, artifact_root=default_artifact_root(self.state_dir))
-        return self._tracker
+                self._tracker = Tracker(self.tracking_uri or default_tracking_uri(self.state_dir), experiment=self.experiment,
+                                        model_name=self.model_name, artifact_root=default_artifact_root(self.state_dir))
+            return self._tracker
+
 
     def _call(self, what: str, fn, *args):
         try:

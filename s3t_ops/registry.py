@@ -208,7 +208,7 @@ class Tracker:
         return {
             "plan_id": str(plan_id), "plan_digest": plan_digest(record), "depths": json.dumps(depths),
             "live_shards": str(len(depths)), "honoured_deletions_count": str(len(deleted)),
-            "honoured_deletions": joined if len(joined) <= MAX_TAG_CHARS else "see artifact honoured_deletions.json",
+            "honoured_deletions": joined if len(joined) <= MAX_TAG_CHARS else "see the model artifact honoured_deletions.json",
             "honoured_deletions_sha256": hashlib.sha256(joined.encode()).hexdigest(),
             "tombstones": "keyed (HMAC-SHA256 with the state's secret.key), not example ids",
         }
@@ -247,12 +247,12 @@ class Tracker:
                                   tags={"s3t.kind": "ensemble", **tags}) as run:
                 mlflow.log_metrics({"live_shards": len(depths), "mean_depth": sum(depths.values()) / max(1, engine.cfg.shards),
                                     "deletions": len(deleted)})
-                mlflow.log_artifact(str(tmp / "honoured_deletions.json"))
                 with warnings.catch_warnings():  # no input example: logging one would load the backbone
                     warnings.simplefilter("ignore", UserWarning)
                     info = mlflow.pyfunc.log_model(
                         name="ensemble", python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-                        artifacts={"checkpoints": str(ckpts), "plan": str(tmp / "plan.json"), "meta": str(tmp / "meta.json")},
+                        artifacts={"checkpoints": str(ckpts), "plan": str(tmp / "plan.json"), "meta": str(tmp / "meta.json"),
+                                   "honoured_deletions": str(tmp / "honoured_deletions.json")},
                         pip_requirements=["s3t-ops", "torch", "transformers", "peft", "safetensors", "pandas"],
                         signature=signature,
                     )

@@ -165,3 +165,8 @@ def test_every_crash_point_is_tried():
     tried = {p.split(":")[0] for p in FORGET_POINTS + TRAIN_POINTS} | {"during_ingest"}
     assert tried == set(POINTS)
     assert len(FORGET_POINTS) + len(TRAIN_POINTS) + 2 >= 20
+
+
+def test_the_lifecycle_doc_lists_every_crash_point():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "lifecycle.md").read_text()
+    assert all(f"`{p}`" in doc for p in POINTS)

@@ -75,7 +75,7 @@ def test_forget_through_graphql_moves_champion_then_eager_retrain_restores_depth
 
     home, state = tmp_path / "dagster_home", tmp_path / "state"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # as the README says
+    shutil.copy(REPO / "pipelines" / "dagster.yaml", home / "dagster.yaml")  # as the README says
     data = tmp_path / "toy.csv"
     toy_frame(90).to_csv(data, index=False)
     cfg = {"shards": 2, "slices": 2, "budget": 2, "epochs": 1, "batch_size": 8, "lr": 0.005, "max_tokens": 16, "lora_rank": 4,

@@ -13,7 +13,7 @@ class IngestConfig(dg.Config):
 
 
 def build_data_assets(parts: S3TPartitions) -> list[dg.AssetsDefinition]:
-    @dg.asset(group_name="data", pool="s3t_ledger", description="Examples in the ledger with their (shard, slice); val/test trunk cache.")
+    @dg.asset(group_name="data", description="Examples in the ledger with their (shard, slice); val/test trunk cache.")
     def examples(context: dg.AssetExecutionContext, config: IngestConfig, s3t: S3TResource, mlflow: MlflowResource) -> dg.MaterializeResult:
         t0 = time.perf_counter()
         if not s3t.exists():
@@ -30,7 +30,7 @@ def build_data_assets(parts: S3TPartitions) -> list[dg.AssetsDefinition]:
             "engine_seconds": time.perf_counter() - t0,
         })
 
-    @dg.asset(partitions_def=parts.slice_def, deps=[examples], group_name="data", pool="s3t_ledger",
+    @dg.asset(partitions_def=parts.slice_def, deps=[examples], group_name="data",
               description="Live members of one (shard, slice) as Parquet and their cached frozen hidden states. "
                           "Data version = hash of the live ids.")
     def slice_data(context: dg.AssetExecutionContext, s3t: S3TResource) -> dg.MaterializeResult:

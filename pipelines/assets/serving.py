@@ -8,7 +8,7 @@ from pipelines.resources import S3TResource
 
 
 def build_serving_asset(L: int) -> dg.AssetsDefinition:
-    @dg.asset(deps=[f"stage_{k}" for k in range(1, L + 1)], group_name="serving", pool="s3t_ledger",
+    @dg.asset(deps=[f"stage_{k}" for k in range(1, L + 1)], group_name="serving",
               automation_condition=dg.AutomationCondition.eager(),
               description="Serving plan over valid stage checkpoints; a new MLflow model version (alias champion) when it changes.")
     def s3t_ensemble(context: dg.AssetExecutionContext, s3t: S3TResource) -> dg.MaterializeResult:
