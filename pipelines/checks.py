@@ -1,7 +1,15 @@
-"""Data-quality and exactness checks; the audit blocks a plan that serves a checkpoint which saw a deleted id."""
+"""Data-quality, exactness and staleness checks.
+
+- `slice_data_holds_no_deleted_id`: erasure reached every slice file and trunk cache;
+- `exactness_audit` (blocking): no checkpoint of the served plan was trained on a deleted example;
+- `stage_k_is_current`, one per stage asset: no partition awaits retraining; after a deletion it fails
+  (a warning) and lists the stale (shard, sequence) partitions, so the graph shows which stages a
+  deletion staled and why; it passes again when they retrain.
+"""
 
 import dagster as dg
 
+from pipelines.partitions import S3TPartitions
 from pipelines.resources import S3TResource
 
 
@@ -26,3 +34,20 @@ def exactness_audit(s3t: S3TResource) -> dg.AssetCheckResult:
         metadata={"violating_checkpoints": len(bad), "deleted_tombstones_in_lineage": sorted({i for v in bad.values() for i in v})[:20],
                   "deleted_examples": len(engine.ledger.deleted())},
     )
+
+
+def build_stage_checks(L: int) -> list[dg.AssetChecksDefinition]:
+    def make(k: int) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=f"stage_{k}", name=f"stage_{k}_is_current",
+                        description=f"No partition of stage_{k} awaits retraining (a deletion in one of its slices stales it).")
+        def _check(s3t: S3TResource) -> dg.AssetCheckResult:
+            stale = s3t.engine(load_backbone=False, repair=False).stale_partitions()[k]
+            keys = sorted(str(S3TPartitions.stage_partition(s, q)) for s, q in stale)
+            return dg.AssetCheckResult(passed=not stale, severity=dg.AssetCheckSeverity.WARN,
+                                       description=("every partition is current" if not stale else
+                                                    f"{len(stale)} partition(s) await retraining: {', '.join(keys)}"),
+                                       metadata={"stale_partitions": dg.MetadataValue.json(keys), "n_stale": len(stale)})
+
+        return _check
+
+    return [make(k) for k in range(1, L + 1)]

@@ -1,4 +1,9 @@
-"""Dagster code location: `dagster dev -w workspace.yaml`. Thin: each asset calls one engine operation."""
+"""Dagster code location `s3t`: `dagster dev -w workspace.yaml`. Thin: each asset calls one engine operation.
+
+The training graph (data -> stages -> serving) is this location; the approximate-unlearning group lives
+in its own location (`pipelines.memorization_definitions`), so "Materialize all" here trains S3T and
+never the memorization models, which run only when asked.
+"""
 from __future__ import annotations
 
 import json
@@ -6,17 +11,23 @@ import json
 import dagster as dg
 
 from pipelines.assets.data import build_data_assets
-from pipelines.assets.memorization import build_memorization_assets
 from pipelines.assets.serving import build_serving_asset
 from pipelines.assets.stages import build_stage_assets
-from pipelines.checks import exactness_audit, slice_data_holds_no_deleted_id
-from pipelines.jobs import forget, refresh_slices_job, serve
+from pipelines.checks import build_stage_checks, exactness_audit, slice_data_holds_no_deleted_id
+from pipelines.jobs import find_examples, forget, refresh_slices_job, serve_job
 from pipelines.partitions import S3TPartitions
 from pipelines.resources import MlflowResource, S3TResource
 from pipelines.schedules import build_retrain_schedule
 from pipelines.sensors import build_deletion_sensor
 from pipelines.settings import PipelineSettings, load_settings
 from s3t_ops.sequences import select_sequences
+
+
+def build_resources(settings: PipelineSettings) -> dict:
+    cfg = settings.cfg
+    config_json = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "state_dir"})
+    return {"s3t": S3TResource(state_dir=str(cfg.state_dir), config_json=config_json),
+            "mlflow": MlflowResource(tracking_uri=settings.tracking_uri, model_name=settings.model_name)}
 
 
 def build_definitions(settings: PipelineSettings) -> dg.Definitions:
@@ -27,23 +38,22 @@ def build_definitions(settings: PipelineSettings) -> dg.Definitions:
     examples, slice_data = build_data_assets(parts)
     stages = build_stage_assets(parts, dg.AutomationCondition.eager() if eager else None)
     ensemble = build_serving_asset(cfg.slices)
+    stage_checks = build_stage_checks(cfg.slices)
     refresh_slices = refresh_slices_job(parts.slice_def)
-    config_json = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "state_dir"})
+    serve = serve_job(stage_checks)
     return dg.Definitions(
-        assets=[examples, slice_data, *stages, ensemble, *build_memorization_assets(cfg.slices)],
-        asset_checks=[slice_data_holds_no_deleted_id, exactness_audit],
-        jobs=[forget, serve, refresh_slices],
+        assets=[examples, slice_data, *stages, ensemble],
+        asset_checks=[slice_data_holds_no_deleted_id, exactness_audit, *stage_checks],
+        jobs=[forget, find_examples, serve, refresh_slices],
         sensors=[
             build_deletion_sensor(refresh_slices, serve),
             dg.AutomationConditionSensorDefinition("s3t_automation", target=dg.AssetSelection.all(),
                                                    default_status=dg.DefaultSensorStatus.RUNNING,
                                                    minimum_interval_seconds=15),
         ],
-        schedules=[build_retrain_schedule(stages, settings.retrain_cron, running=not eager)],
-        resources={
-            "s3t": S3TResource(state_dir=str(cfg.state_dir), config_json=config_json),
-            "mlflow": MlflowResource(tracking_uri=settings.tracking_uri, model_name=settings.model_name),
-        },
+        # the nightly policy has a schedule; the eager one retrains through automation and lists no schedule
+        schedules=[] if eager else [build_retrain_schedule(stages, settings.retrain_cron)],
+        resources=build_resources(settings),
     )
 
 

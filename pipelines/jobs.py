@@ -26,6 +26,7 @@ def forget_examples(context: dg.OpExecutionContext, config: ForgetConfig, s3t: S
         "champion_moved_ms": (report.honour_seconds + report.publish_seconds) * 1000,
         "depths": dg.MetadataValue.json({str(c.shard): c.depth for c in report.plan.choices} if report.plan else {}),
         "grad_example_steps": report.grad_example_steps,
+        "follow_up_runs": f"the deletion sensor tags the runs it starts for this request with s3t/forget_run={context.run_id}",
     })
     return {"new": list(report.new), "dirty": [list(d) for d in report.dirty]}
 
@@ -36,12 +37,39 @@ def forget():
     forget_examples()
 
 
-# Light runs on the deletion path execute in one process: no step subprocess to start.
-serve = dg.define_asset_job("serve", selection=["s3t_ensemble"], executor_def=dg.in_process_executor,
-                            description="Record the serving plan and register it in MLflow (alias champion).")
+def serve_job(stage_checks):
+    """Record the served ensemble and re-evaluate the stage staleness checks (light: one process, no training)."""
+    selection = dg.AssetSelection.assets("s3t_ensemble") | dg.AssetSelection.checks(*stage_checks)
+    return dg.define_asset_job("serve", selection=selection, executor_def=dg.in_process_executor,
+                               description="Record the serving plan (registered in MLflow, alias champion) and check which "
+                                           "stage partitions await retraining.")
 
 
 def refresh_slices_job(slice_def: dg.PartitionsDefinition):
     return dg.define_asset_job("refresh_slices", selection=["slice_data"], partitions_def=slice_def,
                                executor_def=dg.in_process_executor,
                                description="Rewrite one (shard, slice) partition without its deleted examples.")
+
+
+class FindConfig(dg.Config):
+    contains: str  # a word or phrase of the text (case-insensitive), or the start of an id
+    limit: int = 50
+
+
+@dg.op(description="Find live examples by a word of their text or the start of their id: id, split, shard, slice, text.")
+def find_examples_op(context: dg.OpExecutionContext, config: FindConfig, s3t: S3TResource) -> int:
+    from pipelines.assets.data import preview_table
+
+    if not config.contains.strip():
+        raise dg.Failure(description="give a word or phrase in `contains`")
+    live = s3t.engine(load_backbone=False, repair=False).examples()
+    needle = config.contains.strip()
+    hits = live[live["text"].str.contains(needle, case=False, regex=False) | live["id"].str.startswith(needle)]
+    context.add_output_metadata({"matches": len(hits), "examples": dg.MetadataValue.md(preview_table(hits.head(config.limit))),
+                                 "forget": "copy an id (or the exact text) into the `forget` job's config `ids`"})
+    return len(hits)
+
+
+@dg.job(description="Find examples to forget (config: ops.find_examples_op.config.contains).", executor_def=dg.in_process_executor)
+def find_examples():
+    find_examples_op()

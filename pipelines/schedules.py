@@ -17,11 +17,11 @@ def stale_stage_requests(engine, stage_keys: list[dg.AssetKey], tag: str) -> lis
             for (s, q), k in sorted(first.items())]
 
 
-def build_retrain_schedule(stages: list[dg.AssetsDefinition], cron: str, running: bool) -> dg.ScheduleDefinition:
+def build_retrain_schedule(stages: list[dg.AssetsDefinition], cron: str) -> dg.ScheduleDefinition:
     keys = [a.key for a in stages]
 
     @dg.schedule(name="retrain_stale_stages", cron_schedule=cron, target=stages,
-                 default_status=dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED,
+                 default_status=dg.DefaultScheduleStatus.RUNNING,
                  description="Retrain the stages that deletions made stale (the policy when S3T_RETRAIN=nightly).")
     def retrain_stale_stages(context: dg.ScheduleEvaluationContext, s3t: S3TResource):
         if not s3t.exists():

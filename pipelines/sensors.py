@@ -1,6 +1,7 @@
 """The deletion sensor: new ledger requests -> re-materialize the affected slices (so Dagster marks exactly
-the stage partitions that saw them stale) and record the ensemble. The champion already moved in the
-request's own run (the forget job or `s3t forget`): this path is off the critical path."""
+the stage partitions that saw them stale) and record the ensemble with the stage staleness checks. The
+champion already moved in the request's own run (the forget job or `s3t forget`): this path is off the
+critical path. Follow-up runs carry the tag s3t/forget_run = the Dagster run(s) that made the request."""
 
 import dagster as dg
 
@@ -16,14 +17,15 @@ def build_deletion_sensor(refresh_slices, serve) -> dg.SensorDefinition:
         if not s3t.exists():
             return dg.SkipReason("no ledger yet")
         seen = int(context.cursor or 0)
-        total, cells = s3t.engine(load_backbone=False, repair=False).deletions_after(seen)
+        total, cells, requests = s3t.engine(load_backbone=False, repair=False).deletions_after(seen)
         if total <= seen:
             return dg.SkipReason(f"no new deletion requests ({seen} handled)")
         tag = f"deletions-{seen}-{total}"
-        requests = [dg.RunRequest(run_key=f"{tag}-ensemble", job_name=serve.name, tags={"s3t/deletions": tag})]
-        requests += [dg.RunRequest(run_key=f"{tag}-s{s}-j{j}", job_name=refresh_slices.name,
-                                   partition_key=S3TPartitions.slice_partition(s, j), tags={"s3t/deletions": tag})
-                     for s, j in cells]
-        return dg.SensorResult(run_requests=requests, cursor=str(total))
+        tags = {"s3t/deletions": tag, **({"s3t/forget_run": ",".join(requests)[:250]} if requests else {})}
+        run_requests = [dg.RunRequest(run_key=f"{tag}-ensemble", job_name=serve.name, tags=tags)]
+        run_requests += [dg.RunRequest(run_key=f"{tag}-s{s}-j{j}", job_name=refresh_slices.name,
+                                       partition_key=S3TPartitions.slice_partition(s, j), tags=tags)
+                         for s, j in cells]
+        return dg.SensorResult(run_requests=run_requests, cursor=str(total))
 
     return deletion_sensor

@@ -511,11 +511,16 @@ class S3T:
     retrain = fit
 
     # --- planning and serving ---------------------------------------------------------------
-    def plan_for(self, versions: dict[tuple[int, int], str], rows: dict[str, dict]) -> tuple[ServingPlan, dict[int, list[str]]]:
-        """Longest prefix with intact checkpoints under `versions`, per shard (ties: validation accuracy)."""
+    def plan_for(self, versions: dict[tuple[int, int], str], rows: dict[str, dict],
+                 sequences: Iterable[int] | None = None) -> tuple[ServingPlan, dict[int, list[str]]]:
+        """Longest prefix with intact checkpoints under `versions`, per shard (ties: validation accuracy).
+        `sequences` restricts the choice to some of the trained sequences (e.g. [0]: S3T with B = 1, whose
+        only sequence is the first one, reusing its checkpoints)."""
+        keep = None if sequences is None else set(sequences)
         by_seq: dict[tuple[int, int], list[StageSpec]] = {}
         for spec in self.stage_specs(versions):
-            by_seq.setdefault((spec.shard, spec.seq), []).append(spec)
+            if keep is None or spec.seq in keep:
+                by_seq.setdefault((spec.shard, spec.seq), []).append(spec)
         depths, scores, keys = {}, {}, {}
         for (s, q), chain in by_seq.items():
             d = 0
@@ -530,8 +535,8 @@ class S3T:
         plan = serving_plan(self.cfg.shards, depths, scores)
         return plan, {c.shard: keys[(c.shard, c.seq)] for c in plan.choices}
 
-    def current_plan(self) -> tuple[ServingPlan, dict[int, list[str]]]:
-        return self.plan_for(self.ledger.slice_versions(self.cfg.shards, self.cfg.slices), self.checkpoint_rows())
+    def current_plan(self, sequences: Iterable[int] | None = None) -> tuple[ServingPlan, dict[int, list[str]]]:
+        return self.plan_for(self.ledger.slice_versions(self.cfg.shards, self.cfg.slices), self.checkpoint_rows(), sequences)
 
     def _record(self, plan: ServingPlan, keys: dict[int, list[str]]) -> dict:
         return {"plan": plan.to_dict(), "checkpoints": {str(s): k for s, k in keys.items()},
@@ -613,7 +618,7 @@ class S3T:
         from s3t_ops.erasure import erase_pending
 
         t0 = time.perf_counter()
-        receipt = self.ledger.honour(ids, self._plan_in)
+        receipt = self.ledger.honour(ids, self._plan_in, request=self.tags.get("dagster_run_id"))
         self._forget_cache()
         honour = time.perf_counter() - t0
         version = self.publish()
@@ -645,13 +650,22 @@ class S3T:
             self._forget_cache()
         return len(stale)
 
-    def deletions_after(self, seen: int) -> tuple[int, list[tuple[int, int]]]:
-        """(deletion requests so far, training cells touched by those after the first `seen`): deletions are
-        append-only, so a count is a cursor (the Dagster deletion sensor's)."""
+    def deletions_after(self, seen: int) -> tuple[int, list[tuple[int, int]], list[str]]:
+        """(deletions so far, training cells touched by those after the first `seen`, the requests they came
+        from, e.g. Dagster run ids): deletions are append-only, so a count is a cursor (the deletion sensor's)."""
         dels = self.ledger.deletions()
         new = dels.iloc[seen:]
         cells = sorted({(int(r.shard), int(r.slice)) for r in new.itertuples() if r.split == "train"})
-        return len(dels), cells
+        return len(dels), cells, sorted({str(r) for r in new["request"].dropna()})
+
+    def stale_partitions(self) -> dict[int, list[tuple[int, int]]]:
+        """Stage -> (shard, sequence) partitions awaiting retraining (shared prefixes counted for every sequence)."""
+        rows = self.checkpoint_rows()
+        out: dict[int, list[tuple[int, int]]] = {k: [] for k in range(1, self.cfg.slices + 1)}
+        for spec in self.stage_specs():
+            if not self._intact(spec.key, rows):
+                out[spec.stage].append((spec.shard, spec.seq))
+        return out
 
     def audit(self, record: dict | None = None) -> dict[str, set[str]]:
         """Exactness audit: served checkpoint key -> tombstones of deleted examples in its lineage ({} = exact)."""

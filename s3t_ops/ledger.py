@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS slice_versions (
 CREATE TABLE IF NOT EXISTS slice_members (version VARCHAR, shard INTEGER, slice INTEGER, member VARCHAR);
 CREATE TABLE IF NOT EXISTS deletions (
     tombstone VARCHAR PRIMARY KEY, split VARCHAR, shard INTEGER, slice INTEGER, requested_at TIMESTAMP,
-    honoured_at TIMESTAMP, honoured_by_plan INTEGER, erased_at TIMESTAMP, retrained_at TIMESTAMP);
+    honoured_at TIMESTAMP, honoured_by_plan INTEGER, erased_at TIMESTAMP, retrained_at TIMESTAMP, request VARCHAR);
 CREATE TABLE IF NOT EXISTS checkpoints (
     key VARCHAR PRIMARY KEY, shard INTEGER, prefix VARCHAR, stage INTEGER, parent_key VARCHAR,
     slice INTEGER, slice_version VARCHAR, prefix_versions VARCHAR, sha256 VARCHAR, n_train INTEGER,
@@ -348,11 +348,13 @@ class Ledger:
             ).df()
 
     # --- deletions: honour in one transaction ---------------------------------------------
-    def honour(self, ids: Iterable[str], plan_for: Callable[[duckdb.DuckDBPyConnection], tuple[dict, int]]) -> HonourReceipt:
+    def honour(self, ids: Iterable[str], plan_for: Callable[[duckdb.DuckDBPyConnection], tuple[dict, int]],
+               request: str | None = None) -> HonourReceipt:
         """Delete examples and serve a plan that honours them, in ONE transaction (idempotent).
 
         `plan_for(con)` computes the new plan record and its live-shard count from inside the
         transaction (it sees the new slice versions). Unknown ids raise before anything is written.
+        `request` names where the request came from (e.g. a Dagster run id), so follow-up work can link to it.
         """
         wanted = list(dict.fromkeys(str(i).strip() for i in ids))
         if not wanted or any(not i for i in wanted):
@@ -372,8 +374,8 @@ class Ledger:
                 pid, record = (int(rows[0][0]), json.loads(rows[0][1])) if rows else (None, None)
                 return HonourReceipt((), tuple(done), (), pid, record)
             t = now()
-            con.execute("""INSERT INTO deletions SELECT w.tombstone, e.split, e.shard, e.slice, ?, NULL, NULL, NULL, NULL
-                           FROM examples e JOIN wanted w USING (id)""", [t])
+            con.execute("""INSERT INTO deletions SELECT w.tombstone, e.split, e.shard, e.slice, ?, NULL, NULL, NULL, NULL, ?
+                           FROM examples e JOIN wanted w USING (id)""", [t, request])
             con.execute("DELETE FROM examples WHERE id IN (SELECT id FROM wanted)")
             con.unregister("wanted")
             train = live[live["split"] == "train"]

@@ -59,9 +59,57 @@ def test_all_benchmarks_quick_write_json_and_png(tmp_path, toy_source, tiny_back
     assert set(summary["benchmarks"]) == set(run_all.BENCHMARKS)
 
 
-@pytest.mark.parametrize("name", ["deletion_rate", "deletion_workload", "accuracy_zero", "training", "serving", "run_all"])
+@pytest.mark.parametrize("name", ["deletion_rate", "deletion_workload", "accuracy_zero", "training", "serving", "headline",
+                                  "stage_ablation", "honour_latency", "run_all"])
 def test_help_is_truthful(name):
     out = subprocess.run([sys.executable, f"benchmarks/{name}.py", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--out" in out
     if name != "run_all":
         assert "--quick" in out and f"{name}.json" in out or name == "run_all"
+
+
+def test_headline_quick_resumes_and_reports_intervals(tmp_path, toy_source, tiny_backbone_dir):
+    from benchmarks import headline
+
+    out = tmp_path / "h"
+    args = ["--out", str(out), "--quick", "--quiet", "--source", str(toy_source), "--backbone", str(tiny_backbone_dir)]
+    first = headline.main(args)
+    assert first["seeds"] == [0, 1] and set(first["runs"]) == {"0", "1"}
+    for key in ("s3t_minus_sisa_at_0", "s3t_minus_one_model_at_0", "area_ratio_vs_sisa"):
+        assert first[key]["n"] == 2 and len(first[key]["ci95"]) == 2
+    assert set(first["stream_mean_acc"]) == {"s3t", "sisa"} and first["stream_days"] == 2
+    assert first["stream_request_path_grad_example_steps"]["s3t"] == 0 and first["stream_night_grad_example_steps"]["s3t"] > 0
+    for seed in first["runs"].values():
+        curves = seed["systems"]
+        assert all(r["grad_example_steps"] == 0 for r in curves["s3t"]["curve"])
+        assert len(curves["s3t"]["curve"]) == len(curves["sisa"]["curve"]) == seed["deletions"] + 1
+        # B = 1 is a view of the B = L checkpoints: never deeper than the full system
+        for a, b in zip(curves["s3t_b1"]["curve"], curves["s3t"]["curve"]):
+            assert all(a["depths"][s] <= b["depths"][s] for s in b["depths"])
+    assert (out / "headline.png").stat().st_size > 5_000
+    stamp = (out / "headline.json").read_text()
+    again = headline.main(args)  # resumes: every (seed, system) and the stream are kept, nothing retrained
+    assert again["runs"] == first["runs"] and again["stream"] == first["stream"]
+    assert len(json.loads((out / "headline.json").read_text())["machines"]) == len(json.loads(stamp)["machines"]) + 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--n-train", "40000"], "exceeds the"), (["--shards", "50", "--slices", "3", "--n-train", "100"], "m*L = 50*3"),
+    (["--systems", "s3t", "nope"], "unknown system(s) nope"), (["--systems", "s3t_b1"], "list s3t too"),
+    (["--days", "0"], "--days must be >= 1")])
+def test_headline_flags_are_validated_before_any_training(tmp_path, flags, message):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.headline", "--out", str(tmp_path), *flags], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_stage_ablation_and_honour_latency_quick(tmp_path, toy_source, tiny_backbone_dir):
+    from benchmarks import honour_latency, stage_ablation
+
+    abl = stage_ablation.main(["--out", str(tmp_path), "--quick", "--quiet", "--source", str(toy_source), "--backbone",
+                               str(tiny_backbone_dir), "--variants", "baseline", "refine_groups+lr3e-3"])
+    assert set(abl["variants"]) == {"baseline", "refine_groups+lr3e-3"}
+    assert "sisa" in abl["variants"]["refine_groups+lr3e-3"]  # lr changes SISA too
+    lat = honour_latency.main(["--out", str(tmp_path), "--quick", "--quiet", "--backbone", str(tiny_backbone_dir)])
+    assert lat["summary"]["cli"]["n"] == 2 and all(r["champion_moved_s"] > 0 for r in lat["cli"])
+    assert lat["bulk"]["deletions_in_one_transaction"] == lat["bulk"]["bulk_ids"] == 50

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import torch
 
-from pipelines.definitions import build_definitions
+from pipelines.memorization_definitions import build_memorization_definitions
 from pipelines.settings import PipelineSettings
 from tests.conftest import toy_frame
 
@@ -29,7 +29,7 @@ def test_memorization_assets_materialize_in_process(tmp_path, tiny_config):
         engine.build_trunk()
         engine.train()
         uri = f"sqlite:///{tmp_path}/mlflow.db"
-        defs = build_definitions(PipelineSettings(cfg=cfg, tracking_uri=uri))
+        defs = build_memorization_definitions(PipelineSettings(cfg=cfg, tracking_uri=uri))
         assets = [defs.resolve_assets_def(k) for k in ("memorization_scores", "rum_unlearned", "unlearning_report")]
         run_config = {"ops": {
             "memorization_scores": {"config": {"epochs": 1, "lr": 5e-3, "subsampled": True, "subsample_models": 2}},

@@ -18,17 +18,33 @@ from tests.conftest import toy_frame
 def test_default_definitions_load():
     from pipelines.definitions import defs
 
+    from pipelines.memorization_definitions import defs as memorization_defs
+
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     L = load_settings().cfg.slices
-    assert keys == {"examples", "slice_data", "s3t_ensemble", *(f"stage_{k}" for k in range(1, L + 1)),
-                    "memorization_scores", "rum_unlearned", "unlearning_report"}
-    graph = defs.resolve_asset_graph()
+    # "Materialize all" in this location trains S3T only: the memorization models live in their own location
+    assert keys == {"examples", "slice_data", "s3t_ensemble", *(f"stage_{k}" for k in range(1, L + 1))}
+    graph = memorization_defs.resolve_asset_graph()
     for key in ("memorization_scores", "rum_unlearned", "unlearning_report"):
         node = graph.get(dg.AssetKey(key))
         assert node.group_name == "memorization" and node.automation_condition is None  # never auto-materialized
-    assert defs.resolve_job_def("forget") is not None
+    for job in ("forget", "find_examples", "serve", "refresh_slices"):
+        assert defs.resolve_job_def(job) is not None
     assert {s.name for s in defs.sensors} == {"deletion_sensor", "s3t_automation"}
     assert defs.resolve_schedule_def("retrain_stale_stages").default_status == dg.DefaultScheduleStatus.RUNNING
+    checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
+    assert checks == {"slice_data_holds_no_deleted_id", "exactness_audit", *(f"stage_{k}_is_current" for k in range(1, L + 1))}
+    for k in range(1, L + 1):  # a backfill trains every partition of a stage in one step
+        assert graph_backfill(defs, f"stage_{k}") == dg.BackfillPolicy.single_run()
+
+
+def graph_backfill(defs, key: str):
+    return defs.resolve_assets_def(key).backfill_policy
+
+
+def test_eager_policy_lists_no_schedule(tmp_path):
+    eager = build_definitions(load_settings({"S3T_STATE": str(tmp_path), "S3T_RETRAIN": "eager"}))
+    assert not list(eager.schedules or [])
 
 
 def test_partitions_and_mapping_follow_the_sequences():
@@ -176,6 +192,8 @@ def test_deletion_sensor_requests_the_ensemble_then_each_dirty_slice(trained_pip
         result = sensor.evaluate_tick(ctx)
     reqs = result.run_requests
     assert reqs[0].job_name == "serve"
+    forget_runs = {r for r in dels["request"].dropna()}
+    assert forget_runs and all(set(r.tags["s3t/forget_run"].split(",")) == forget_runs for r in reqs)  # linked to the forget run
     cells = {(int(r.shard), int(r.slice)) for r in dels.itertuples() if r.split == "train"}
     got = {(p["shard"], p["slice"]) for p in (S3TPartitions.parse(r.partition_key) for r in reqs[1:])}
     assert all(r.job_name == "refresh_slices" for r in reqs[1:]) and got == cells
@@ -189,7 +207,8 @@ def test_nightly_schedule_requests_each_stale_sequence_from_its_first_stale_stag
     from s3t_ops.engine import S3T
 
     t = trained_pipeline
-    defs, instance, cfg = t["defs"], t["instance"], t["cfg"]
+    instance, cfg = t["instance"], t["cfg"]
+    defs = build_definitions(PipelineSettings(cfg=cfg, retrain_policy="nightly"))  # the same state, the nightly policy
     engine = S3T.open(cfg.state_dir, progress=False)
     engine.train()  # start fresh whatever earlier tests left
     train = engine.ledger.examples("train")

@@ -4,7 +4,17 @@ import time
 
 import dagster as dg
 
+from pipelines.partitions import S3TPartitions
 from pipelines.resources import S3TResource
+
+
+def _depth_table(m: int, plan, L: int) -> str:
+    served = {c.shard: c for c in plan.choices}
+    lines = ["| shard | sequence | depth |", "|---|---|---|"]
+    for s in range(m):
+        c = served.get(s)
+        lines.append(f"| {s} | {'-' if c is None else c.seq} | {'dead' if c is None else f'{c.depth} / {L}'} |")
+    return "\n".join(lines)
 
 
 def build_serving_asset(L: int) -> dg.AssetsDefinition:
@@ -17,12 +27,16 @@ def build_serving_asset(L: int) -> dg.AssetsDefinition:
         plan_id, plan = engine.serve()
         version = engine.ledger.publication(plan_id)[1]
         depths = {str(c.shard): c.depth for c in plan.choices}
+        stale = {f"stage_{k}": sorted(str(S3TPartitions.stage_partition(s, q)) for s, q in parts)
+                 for k, parts in engine.stale_partitions().items() if parts}
         return dg.MaterializeResult(
             data_version=dg.DataVersion(str(version if version is not None else f"plan-{plan_id}")),
             metadata={"plan_id": plan_id, "model_version": str(version), "live_shards": len(plan.choices),
                       "dead_shards": dg.MetadataValue.json(list(plan.dead_shards)), "depths": dg.MetadataValue.json(depths),
                       "mean_depth": sum(depths.values()) / max(1, engine.cfg.shards),
                       "deletions_honoured": len(engine.ledger.deletions()),
+                      "served_depth_per_shard": dg.MetadataValue.md(_depth_table(engine.cfg.shards, plan, engine.cfg.slices)),
+                      "stale_stage_partitions": dg.MetadataValue.json(stale),
                       "stages_awaiting_retraining": len(engine.missing_stages()),
                       "engine_seconds": time.perf_counter() - t0},
         )

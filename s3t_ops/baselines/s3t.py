@@ -69,6 +69,14 @@ class S3TSystem(UnlearningSystem):
                           details={"erase_seconds": rep.erase_seconds, "purged_checkpoints": rep.purged_checkpoints,
                                    "planner_seconds": planner_s})
 
+    def retrain_pending(self) -> ForgetCost:
+        """Retrain the stale stages now (a nightly schedule): background work, nothing on the request path."""
+        t0 = time.perf_counter()
+        tr = self.engine.retrain()
+        self._pending = 0
+        self._dirty.clear()
+        return ForgetCost(0.0, 0, time.perf_counter() - t0, tr.grad_example_steps, len(tr.trained))
+
     def _served_keys(self) -> dict[int, list[str]]:
         served = self.engine.served()
         if served is None:
@@ -98,3 +106,23 @@ class S3TSystem(UnlearningSystem):
         if split not in self._labels:
             self._labels[split] = self.engine.labels(self.engine.trunk(f"{split}.safetensors").ids)
         return self._labels[split]
+
+
+class S3TView(S3TSystem):
+    """S3T restricted to some of its trained sequences, over the same engine and checkpoints: with the
+    first sequence only, this is S3T with B = 1 (its checkpoints are a subset of B = L's), evaluated
+    without training anything. It follows the deletions its engine honours; it never forgets itself."""
+
+    def __init__(self, system: S3TSystem, sequences: Iterable[int], name: str):
+        super().__init__(system.engine, 0, name)
+        self.sequences = tuple(sequences)
+
+    def fit(self) -> FitReport:
+        raise NotImplementedError("a view serves its system's checkpoints: fit the system")
+
+    def forget(self, ids: Iterable[str]) -> ForgetCost:
+        raise NotImplementedError("a view follows the deletions of its system's engine")
+
+    def _served_keys(self) -> dict[int, list[str]]:
+        _, keys = self.engine.current_plan(self.sequences)
+        return keys

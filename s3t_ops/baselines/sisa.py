@@ -131,6 +131,18 @@ class SISA(UnlearningSystem):
                     self._version[s] += 1
         return ForgetCost(time.perf_counter() - t0, steps, retrained=trained)
 
+    def retrain_pending(self) -> ForgetCost:
+        """Retrain every shard serving a fallback checkpoint from it (a nightly schedule for SISA without
+        retraining on the request path): background work, the requests were honoured by the fallback."""
+        t0 = time.perf_counter()
+        steps = trained = 0
+        for s in range(self.data.shards):
+            if self.depth[s] < self.data.slices:
+                n_steps, n = self._train_from(s, self.depth[s] + 1)
+                steps += n_steps
+                trained += n
+        return ForgetCost(0.0, 0, time.perf_counter() - t0, steps, trained)
+
     # --- serving ----------------------------------------------------------------------------
     def depths(self) -> dict[int, int]:
         return dict(enumerate(self.depth))
