@@ -120,7 +120,7 @@ def fit(system, quiet: bool, desc: str) -> dict:
 
 def curve(system, victims: list[str], forget: bool, quiet: bool, desc: str, follow=None) -> list[dict]:
     """Accuracy after each request; `follow` = a system honouring the requests for a view that only reads."""
-    rows = [{"d": 0, "accuracy": system.evaluate("test"), "depths": system.depths()}]
+    rows = [{"d": 0, "accuracy": system.evaluate("test"), "depths": system.depths(), "grad_example_steps": 0}]
     with bar(len(victims), desc, quiet, unit="req") as pb:
         for d, v in enumerate(victims, 1):
             cost = (follow or system).forget([v]) if forget else None
@@ -147,8 +147,8 @@ def run_seed(args, seed: int, root: Path, result: dict, save) -> None:
         if seed == args.seeds[0] and "stream" in args.workloads and not (root / "stream-s3t").exists():
             s3t.clone(root / "stream-s3t")  # the stream starts from the same fitted state
         b1 = S3TView(s3t, [0], LABELS["s3t_b1"])
-        b1_rows = [{"d": 0, "accuracy": b1.evaluate("test"), "depths": b1.depths()}]
-        s3t_rows = [{"d": 0, "accuracy": s3t.evaluate("test"), "depths": s3t.depths()}]
+        b1_rows = [{"d": 0, "accuracy": b1.evaluate("test"), "depths": b1.depths(), "grad_example_steps": 0}]
+        s3t_rows = [{"d": 0, "accuracy": s3t.evaluate("test"), "depths": s3t.depths(), "grad_example_steps": 0}]
         with bar(len(victims), "S3T deletions", args.quiet, unit="req") as pb:
             for d, v in enumerate(victims, 1):
                 cost = s3t.forget([v])

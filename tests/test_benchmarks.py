@@ -88,9 +88,10 @@ def test_headline_quick_resumes_and_reports_intervals(tmp_path, toy_source, tiny
             assert all(a["depths"][s] <= b["depths"][s] for s in b["depths"])
     assert (out / "headline.png").stat().st_size > 5_000
     stamp = (out / "headline.json").read_text()
-    again = headline.main(args)  # resumes: every (seed, system) and the stream are kept, nothing retrained
-    assert again["runs"] == first["runs"] and again["stream"] == first["stream"]
-    assert len(json.loads((out / "headline.json").read_text())["machines"]) == len(json.loads(stamp)["machines"]) + 1
+    headline.main(args)  # resumes: every (seed, system) and the stream are kept, nothing retrained
+    before, after = json.loads(stamp), json.loads((out / "headline.json").read_text())
+    assert after["runs"] == before["runs"] and after["stream"] == before["stream"]
+    assert len(after["machines"]) == len(before["machines"]) + 1
 
 
 @pytest.mark.parametrize("flags,message", [
