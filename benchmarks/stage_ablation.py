@@ -36,6 +36,7 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "epochs4": ({"epochs": 4}, True),
     "frozen3": ({"frozen_blocks": 3}, False),
     "refine_groups": ({"refine_groups": True}, False),
+    "trunk_fp16": ({"trunk_dtype": "float16"}, True),
 }
 
 

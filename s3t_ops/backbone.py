@@ -157,6 +157,11 @@ class Backbone:
         return enc["input_ids"], enc["attention_mask"]
 
     @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding layer's output (block 0's input): what `trunk_states` returns for block 0, bit for bit."""
+        return self.encoder.embeddings(input_ids=input_ids)
+
+    @torch.no_grad()
     def trunk_states(self, input_ids: torch.Tensor, mask: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
         """Frozen hidden states entering each block in `blocks`, from one pass that stops at the deepest needed."""
         blocks = sorted(set(blocks))

@@ -10,6 +10,8 @@ from typing import Any
 
 from s3t_ops.sequences import SELECTIONS
 
+TRUNK_DTYPES = ("float32", "float16", "bfloat16")  # storage of cached hidden states (s3t_ops/trunk.py)
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message starts with the field name."""
@@ -35,6 +37,7 @@ class S3TConfig:
     frozen_blocks: int = 0  # lowest blocks never adapted: one cached trunk below every group
     warm_start_head: bool = True  # stage k's head starts from stage k-1's (its data is a prefix of stage k's)
     refine_groups: bool = False  # stage k also keeps training groups 1..k-1 (from stage k-1's) on its prefix
+    trunk_dtype: str = "float32"  # how cached hidden states are stored (float16 halves the cache; read as float32)
     epochs: int = 2
     batch_size: int = 32
     lr: float = 1e-3
@@ -82,6 +85,8 @@ class S3TConfig:
                 raise ConfigError("deletion_prior", "probabilities must lie in [0, 1]")
         if not isinstance(self.frozen_blocks, int) or isinstance(self.frozen_blocks, bool) or self.frozen_blocks < 0:
             raise ConfigError("frozen_blocks", f"must be a non-negative integer, got {self.frozen_blocks!r}")
+        if self.trunk_dtype not in TRUNK_DTYPES:
+            raise ConfigError("trunk_dtype", f"must be one of {', '.join(TRUNK_DTYPES)}, got {self.trunk_dtype!r}")
         for name in ("warm_start_head", "refine_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
@@ -119,6 +124,8 @@ class S3TConfig:
             values["warm_start_head"] = False
         if self.refine_groups:
             values["refine_groups"] = True
+        if self.trunk_dtype != "float32":
+            values["trunk_dtype"] = self.trunk_dtype
         payload = json.dumps(values, sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

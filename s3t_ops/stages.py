@@ -53,7 +53,7 @@ def depth_logits(backbone: Backbone, head: nn.Module, trunk: TrunkCache, rows: t
     out = []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            h, mask = trunk.batch(rows[i:i + batch_size], start)
+            h, mask = trunk.batch(rows[i:i + batch_size], start, backbone.embed)
             out.append(head(backbone.run_from(h, mask, start)))
     return torch.cat(out) if out else torch.zeros(0, head.out_features)
 
@@ -78,7 +78,7 @@ def train_stage(
     rows = trunk.rows(train_ids)
 
     def features(idx: torch.Tensor) -> torch.Tensor:  # the frozen part comes from the trunk cache
-        h, mask = trunk.batch(rows[idx], start)
+        h, mask = trunk.batch(rows[idx], start, backbone.embed)
         return backbone.run_from(h, mask, start)
 
     result, head = fit_group(backbone, train_ids, labels, k, parents, seed, num_labels, features, on_batch)

@@ -3,12 +3,19 @@
 While the groups below stage k are untrained they are the identity, so the input of group k is the
 frozen backbone's hidden state: one pass per example serves every stage, sequence and shard.
 Erasing an example rewrites the cache without its rows (physical removal, not a flag).
+
+Storage is kept small (it grows with the data: bytes per example are reported by `bytes_per_example`):
+- a boundary at block 0 is the embedding layer's output, a per-token lookup: the cache keeps the token
+  ids (int32) and recomputes it (bit for bit) instead of storing [T, H] floats;
+- the other boundaries are stored in the config's `trunk_dtype` (float32 by default; float16 halves
+  them) and widened to float32 when read, so training always computes in float32;
+- the attention mask as uint8.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,12 +25,16 @@ from safetensors.torch import save_file
 from s3t_ops.backbone import Backbone
 from s3t_ops.files import write_atomic
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 @dataclass
 class TrunkCache:
     ids: list[str]
-    mask: torch.Tensor  # [N, T] int64
-    hidden: dict[int, torch.Tensor]  # block -> [N, T, H]
+    mask: torch.Tensor  # [N, T]
+    hidden: dict[int, torch.Tensor]  # block -> [N, T, H] (any float dtype; read as float32)
+    input_ids: torch.Tensor | None = None  # [N, T]: block 0's input, recomputed by the embedding layer
+    _row: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._row = {i: r for r, i in enumerate(self.ids)}
@@ -37,18 +48,33 @@ class TrunkCache:
             raise KeyError(f"not in the trunk cache: {missing[:5]}")
         return torch.tensor([self._row[i] for i in ids], dtype=torch.long)
 
-    def batch(self, rows: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.hidden[block].index_select(0, rows), self.mask.index_select(0, rows)
+    def blocks(self) -> list[int]:
+        return sorted(set(self.hidden) | ({0} if self.input_ids is not None else set()))
+
+    def batch(self, rows: torch.Tensor, block: int, embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 hidden state entering `block`, attention mask) of these rows; block 0 from the token
+        ids needs `embed` (the backbone's embedding layer)."""
+        mask = self.mask.index_select(0, rows).long()
+        if block in self.hidden:
+            return self.hidden[block].index_select(0, rows).float(), mask
+        if block == 0 and self.input_ids is not None:
+            if embed is None:
+                raise ValueError("this trunk cache keeps block 0 as token ids: pass the backbone's embedding")
+            return embed(self.input_ids.index_select(0, rows).long()), mask
+        raise KeyError(f"the trunk cache holds no boundary at block {block} (it has {self.blocks()})")
+
+    def _take(self, idx: torch.Tensor, ids: list[str]) -> "TrunkCache":
+        return TrunkCache(ids, self.mask.index_select(0, idx), {b: h.index_select(0, idx) for b, h in self.hidden.items()},
+                          None if self.input_ids is None else self.input_ids.index_select(0, idx))
 
     def subset(self, ids: Sequence[str]) -> "TrunkCache":
         """These rows, in this order (KeyError naming ids the cache lacks)."""
-        idx = self.rows(ids)
-        return TrunkCache(list(ids), self.mask.index_select(0, idx), {b: h.index_select(0, idx) for b, h in self.hidden.items()})
+        return self._take(self.rows(ids), list(ids))
 
     def without(self, ids: set[str]) -> "TrunkCache":
         keep = [r for r, i in enumerate(self.ids) if i not in ids]
-        idx = torch.tensor(keep, dtype=torch.long)
-        return TrunkCache([self.ids[r] for r in keep], self.mask.index_select(0, idx), {b: h.index_select(0, idx) for b, h in self.hidden.items()})
+        return self._take(torch.tensor(keep, dtype=torch.long), [self.ids[r] for r in keep])
 
     @classmethod
     def concat(cls, parts: Sequence["TrunkCache"]) -> "TrunkCache":
@@ -57,11 +83,18 @@ class TrunkCache:
             raise ValueError("no trunk rows to concatenate")
         ids = [i for p in parts for i in p.ids]
         blocks = parts[0].hidden.keys()
-        return cls(ids, torch.cat([p.mask for p in parts]), {b: torch.cat([p.hidden[b] for p in parts]) for b in blocks})
+        input_ids = None if parts[0].input_ids is None else torch.cat([p.input_ids for p in parts])
+        return cls(ids, torch.cat([p.mask for p in parts]), {b: torch.cat([p.hidden[b] for p in parts]) for b in blocks}, input_ids)
+
+    def nbytes(self) -> int:
+        tensors = [self.mask, *self.hidden.values(), *([self.input_ids] if self.input_ids is not None else [])]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def save(self, path: Path) -> None:
         """Atomic: a crash leaves the previous cache intact."""
         tensors = {"mask": self.mask.contiguous(), **{f"h{b}": h.contiguous() for b, h in self.hidden.items()}}
+        if self.input_ids is not None:
+            tensors["input_ids"] = self.input_ids.contiguous()
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids)}))
 
     @staticmethod
@@ -76,7 +109,12 @@ class TrunkCache:
             ids = json.loads(f.metadata()["ids"])
             mask = f.get_tensor("mask")
             hidden = {int(k[1:]): f.get_tensor(k) for k in f.keys() if k.startswith("h")}
-        return cls(ids, mask, hidden)
+            input_ids = f.get_tensor("input_ids") if "input_ids" in f.keys() else None
+        return cls(ids, mask, hidden, input_ids)
+
+
+def bytes_per_example(cache: TrunkCache) -> float:
+    return cache.nbytes() / max(1, len(cache))
 
 
 def compute_trunk(
@@ -87,17 +125,24 @@ def compute_trunk(
     progress: Callable[[int], None] | None = None,
 ) -> TrunkCache:
     blocks = backbone.layout.start_blocks()
+    stored = [b for b in blocks if b != 0]  # block 0 = the embedding output: kept as token ids
+    dtype = DTYPES[backbone.cfg.trunk_dtype]
     masks: list[torch.Tensor] = []
-    parts: dict[int, list[torch.Tensor]] = {b: [] for b in blocks}
+    tokens: list[torch.Tensor] = []
+    parts: dict[int, list[torch.Tensor]] = {b: [] for b in stored}
     for start in range(0, len(ids), batch_size):
         input_ids, mask = backbone.tokenize(list(texts[start:start + batch_size]))
         states = backbone.trunk_states(input_ids, mask, blocks)
-        masks.append(mask)
-        for b in blocks:
-            parts[b].append(states[b])
+        masks.append(mask.to(torch.uint8))
+        tokens.append(input_ids.to(torch.int32))
+        for b in stored:
+            parts[b].append(states[b].to(dtype))
         if progress:
             progress(len(input_ids))
+    keep_ids = 0 in blocks
     if not masks:
         t = backbone.cfg.max_tokens
-        return TrunkCache([], torch.zeros(0, t, dtype=torch.long), {b: torch.zeros(0, t, backbone.hidden_size) for b in blocks})
-    return TrunkCache(list(ids), torch.cat(masks), {b: torch.cat(p) for b, p in parts.items()})
+        return TrunkCache([], torch.zeros(0, t, dtype=torch.uint8), {b: torch.zeros(0, t, backbone.hidden_size, dtype=dtype) for b in stored},
+                          torch.zeros(0, t, dtype=torch.int32) if keep_ids else None)
+    return TrunkCache(list(ids), torch.cat(masks), {b: torch.cat(p) for b, p in parts.items()},
+                      torch.cat(tokens) if keep_ids else None)

@@ -323,6 +323,7 @@ def test_retrained_stages_equal_training_from_scratch_bitwise(scenario, n):
     for name in names:
         a, b = step.trunks[name], TrunkCache.load(scratch.trunk_dir / name)
         assert a.ids == b.ids and torch.equal(a.mask, b.mask)
+        assert (a.input_ids is None and b.input_ids is None) or torch.equal(a.input_ids, b.input_ids)
         assert a.hidden.keys() == b.hidden.keys() and all(torch.equal(a.hidden[k], b.hidden[k]) for k in b.hidden), name
     # ... and every stage of the current specs has the same key and the same tensors, bit for bit
     ours, theirs = step.after_train.specs, triples(scratch.stage_specs())
@@ -385,7 +386,8 @@ def test_empty_slices_are_a_config_error_and_leave_no_state(tiny_config, toy_csv
     assert create(tiny_config(), toy_csv).examples("train").shape[0] == 96
 
 
-@pytest.mark.parametrize("changes", [{"refine_groups": True}, {"frozen_blocks": 2}, {"warm_start_head": False}])
+@pytest.mark.parametrize("changes", [{"refine_groups": True}, {"frozen_blocks": 2}, {"warm_start_head": False},
+                                     {"trunk_dtype": "float16"}])
 def test_stage_model_levers_keep_retraining_bitwise_equal_to_scratch(tmp_path, tiny_backbone_dir, changes):
     """Every stage-model lever the ablation tries keeps exactness: retrain after forget == scratch on D minus x."""
     raw = toy_frame(60)

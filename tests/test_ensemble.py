@@ -126,3 +126,39 @@ def test_empty_plan_and_bad_depth_are_errors(backbone, shard_models):
     bad = ShardModel(0, 2, shard_models[0].states[:1])
     with pytest.raises(ValueError, match="depth 2"):
         Ensemble(backbone, [bad], NUM_LABELS).logits(TEXTS)
+
+
+def test_the_trunk_keeps_block_0_as_token_ids_and_recomputes_it_bit_for_bit(backbone):
+    ids = [f"id{i}" for i in range(len(TEXTS))]
+    cache = compute_trunk(backbone, ids, TEXTS, batch_size=4)
+    assert 0 not in cache.hidden and cache.input_ids is not None and cache.input_ids.dtype == torch.int32
+    input_ids, mask = backbone.tokenize(TEXTS)
+    full = backbone.trunk_states(input_ids, mask, backbone.layout.start_blocks())
+    rows = torch.arange(len(TEXTS))
+    h0, m = cache.batch(rows, 0, backbone.embed)
+    assert torch.equal(h0, full[0]) and torch.equal(m, mask)
+    for b in cache.hidden:
+        assert torch.equal(cache.batch(rows, b)[0], full[b])
+    with pytest.raises(ValueError, match="embedding"):
+        cache.batch(rows, 0)
+    # per example: ids (int32) + uint8 mask + 3 of the 4 boundaries, instead of 4 float32 boundaries + int64 mask
+    T, H = 16, backbone.hidden_size
+    assert cache.nbytes() / len(TEXTS) == T * 4 + T + 3 * T * H * 4 < (4 * T * H * 4 + T * 8)
+
+
+def test_a_float16_trunk_halves_the_stored_states_and_serves_nearly_the_same_logits(cfg, shard_models):
+    from s3t_ops.trunk import bytes_per_example
+
+    ids = [f"id{i}" for i in range(len(TEXTS))]
+    full = compute_trunk(Backbone(cfg), ids, TEXTS, batch_size=4)
+    half_bb = Backbone(cfg.replace(trunk_dtype="float16"))
+    half = compute_trunk(half_bb, ids, TEXTS, batch_size=4)
+    assert all(h.dtype == torch.float16 for h in half.hidden.values())
+    assert bytes_per_example(half) < 0.55 * bytes_per_example(full)
+    a = Ensemble(half_bb, shard_models, NUM_LABELS).shard_logits_from_trunk(full)
+    b = Ensemble(half_bb, shard_models, NUM_LABELS).shard_logits_from_trunk(half)
+    for s in a:
+        if DEPTHS[s] == 4:  # starts at block 0: recomputed from token ids in both caches, bit for bit
+            assert torch.equal(a[s], b[s])
+        else:  # starts from a stored float16 state
+            assert torch.allclose(a[s], b[s], atol=5e-2) and not torch.equal(a[s], b[s])

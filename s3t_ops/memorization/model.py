@@ -67,9 +67,7 @@ class LabeledTrunk:
 
     def subset(self, ids: Sequence[str]) -> "LabeledTrunk":
         rows = self.rows(ids)
-        t = self.trunk
-        return LabeledTrunk(TrunkCache(list(ids), t.mask.index_select(0, rows), {b: h.index_select(0, rows) for b, h in t.hidden.items()}),
-                            self.labels.index_select(0, rows))
+        return LabeledTrunk(self.trunk.subset(list(ids)), self.labels.index_select(0, rows))
 
     def without(self, ids: Sequence[str]) -> "LabeledTrunk":
         gone = set(ids)
@@ -171,7 +169,7 @@ class MonolithicClassifier:
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, data: LabeledTrunk, rows: torch.Tensor) -> torch.Tensor:
-        h, mask = data.trunk.batch(rows, self.start)
+        h, mask = data.trunk.batch(rows, self.start, self.backbone.embed)
         return self.head(self.backbone.run_from(h, mask, self.start))
 
     def logits(self, state: State | None, data: LabeledTrunk, rows: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
