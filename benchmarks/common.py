@@ -158,3 +158,58 @@ def bar(total: int | None, desc: str, quiet: bool, unit: str = "it"):
 def target(name: str, value: float | None, threshold: float, higher_is_better: bool = True, unit: str = "x") -> dict[str, Any]:
     met = None if value is None or not math.isfinite(value) else (value >= threshold if higher_is_better else value <= threshold)
     return {"target": name, "measured": value, "threshold": threshold, "unit": unit, "met": met}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The current environment without S3T_/MLFLOW_/DAGSTER_ settings (a benchmark sets its own), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3T_", "MLFLOW_", "DAGSTER_"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+class DagsterDev:
+    """`dagster dev` on 127.0.0.1 with its own DAGSTER_HOME (the repository's dagster.yaml template), as a user
+    starts it; stopped (its whole process group) on exit, even after an error."""
+
+    def __init__(self, home: Path, env: dict[str, str], start_timeout: float = 300):
+        import socket
+
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "pipelines" / "dagster.yaml", self.home / "dagster.yaml")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.env = {**env, "DAGSTER_HOME": str(self.home)}
+        self.start_timeout = start_timeout
+
+    def __enter__(self) -> "DagsterDev":
+        import subprocess
+        import urllib.request
+
+        self.log = open(self.home / "dagster.log", "w")
+        self.proc = subprocess.Popen([str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(ROOT / "workspace.yaml"),
+                                      "-h", "127.0.0.1", "-p", str(self.port)], cwd=ROOT, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + self.start_timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/server_info", timeout=2)
+                return self
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"dagster dev did not start; see {self.home / 'dagster.log'}")
+                time.sleep(1)
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        try:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(timeout=60)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+        self.log.close()

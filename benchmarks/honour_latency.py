@@ -16,9 +16,7 @@ examples and one epoch, since training time does not enter the measurement. Writ
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,15 +27,13 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from benchmarks.common import ROOT, apply_threads, base_parser, fresh_dir, machine, plt, write_json
+from benchmarks.common import DagsterDev, apply_threads, base_parser, clean_env, fresh_dir, machine, plt, write_json
 
 NAME = "honour_latency"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3T_", "MLFLOW_", "DAGSTER_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
+    return clean_env(OMP_NUM_THREADS="1", **extra)
 
 
 def _state(args, path: Path):
@@ -74,38 +70,14 @@ def cli_door(args, state: Path, victims: list[str]) -> list[dict]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ui_door(args, state: Path, victims: list[str], home: Path) -> list[dict]:
-    import urllib.request
-
     from dagster_graphql import DagsterGraphQLClient
 
     from s3t_ops.registry import Tracker, default_tracking_uri
 
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "pipelines" / "dagster.yaml", home / "dagster.yaml")
-    port = _free_port()
-    log = open(home / "dagster.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(ROOT / "workspace.yaml"),
-                             "-h", "127.0.0.1", "-p", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env=_env(DAGSTER_HOME=str(home), S3T_STATE=str(state)), start_new_session=True)
     rows = []
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"dagster dev did not start; see {home / 'dagster.log'}")
-                time.sleep(1)
-        gql = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    with DagsterDev(home, _env(S3T_STATE=str(state))) as dev:
+        gql = DagsterGraphQLClient("127.0.0.1", port_number=dev.port)
         tracker = Tracker(default_tracking_uri(state))
         for i, victim in enumerate(victims, 1):
             before = tracker.champion()["plan_id"]
@@ -129,13 +101,6 @@ def ui_door(args, state: Path, victims: list[str], home: Path) -> list[dict]:
             rows.append({"request": i, "champion_moved_s": moved, "run_id": run_id})
             if not args.quiet:
                 print(f"UI request {i}: champion moved {moved:.2f}s after submission", flush=True)
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
     return rows
 
 

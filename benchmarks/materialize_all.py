@@ -13,7 +13,6 @@ backfill made, and the engine's own training seconds in each.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, base_parser, fresh_dir, machine, plt, write_json
+from benchmarks.common import DagsterDev, base_parser, clean_env, fresh_dir, machine, plt, write_json
 
 NAME = "materialize_all"
 BACKFILL = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
@@ -35,9 +34,7 @@ STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) { __
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3T_", "MLFLOW_", "DAGSTER_"))}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
+    return clean_env(**extra)
 
 
 def _gql(port: int, query: str, variables: dict) -> dict:
@@ -64,58 +61,29 @@ def cli(args, root: Path, cfg: dict) -> dict:
 
 
 def dagster(args, root: Path, cfg: dict) -> dict:
-    import socket
-
-    home = root / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / "pipelines" / "dagster.yaml", home / "dagster.yaml")
     (root / "cfg.json").write_text(json.dumps(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "dagster.log", "w")
-    env = _env(DAGSTER_HOME=str(home), S3T_STATE=str(root / "dagster"), S3T_CONFIG=str(root / "cfg.json"),
+    env = _env(S3T_STATE=str(root / "dagster"), S3T_CONFIG=str(root / "cfg.json"),
                **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(ROOT / "workspace.yaml"),
-                             "-h", "127.0.0.1", "-p", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"dagster dev did not start (see {root / 'dagster.log'})")
-                time.sleep(1)
-        sys.path.insert(0, str(ROOT))
-        L = cfg.get("slices") or 3
-        keys = ["examples", "slice_data", *(f"stage_{k}" for k in range(1, L + 1)), "s3t_ensemble"]
-        params = {"assetSelection": [{"path": [k]} for k in keys], "allPartitions": True, "tags": []}
+    L = cfg.get("slices") or 3
+    keys = ["examples", "slice_data", *(f"stage_{k}" for k in range(1, L + 1)), "s3t_ensemble"]
+    params = {"assetSelection": [{"path": [k]} for k in keys], "allPartitions": True, "tags": []}
+    with DagsterDev(root / "dagster_home", env) as dev:
         t0 = time.time()
         while True:  # the code location may still be loading
-            out = _gql(port, BACKFILL, {"p": params})["launchPartitionBackfill"]
+            out = _gql(dev.port, BACKFILL, {"p": params})["launchPartitionBackfill"]
             if out["__typename"] == "LaunchBackfillSuccess":
                 break
             if time.time() - t0 > 300:
                 raise RuntimeError(f"backfill not launched: {out}")
             time.sleep(2)
         t_launch = time.time()
-        status = None
+        status = {}
         while time.time() - t_launch < args.timeout:
-            status = _gql(port, STATUS, {"id": out["backfillId"]})["partitionBackfillOrError"]
+            status = _gql(dev.port, STATUS, {"id": out["backfillId"]})["partitionBackfillOrError"]
             if status.get("status") in ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"):
                 break
             time.sleep(2)
         wall = time.time() - t_launch
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
     runs = status.get("runs") or []
     if status.get("status") not in ("COMPLETED", "COMPLETED_SUCCESS") or any(r["status"] != "SUCCESS" for r in runs):
         raise RuntimeError(f"the backfill did not succeed: {status}")

@@ -64,3 +64,19 @@ def copy_state(src: Path, dst: Path) -> Path:
         finally:
             con.close()
     return Path(dst)
+
+
+def tiny_world(root: Path, backbone_dir: Path, n: int, state: str = "state", **changes):
+    """A new state in `root` on the tiny BERT: m=2, L=2, B=2, one epoch, n toy examples (8 val, 8 test) in
+    `root/toy.csv`. Torch runs on one thread. Returns (S3TConfig, path of the CSV)."""
+    import torch
+
+    from s3t_ops.config import S3TConfig
+    from tests.conftest import toy_frame
+
+    torch.set_num_threads(1)
+    data = Path(root) / "toy.csv"
+    toy_frame(n).to_csv(data, index=False)
+    values = dict(shards=2, slices=2, budget=2, epochs=1, batch_size=8, max_tokens=16, lora_rank=4, lora_alpha=8,
+                  n_train=None, n_val=8, n_test=8, backbone=str(backbone_dir), state_dir=Path(root) / state)
+    return S3TConfig(**{**values, **changes}), data

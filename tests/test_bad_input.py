@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from s3t_ops.cli import main
-from s3t_ops.config import S3TConfig
 from s3t_ops.engine import S3T
-from tests.conftest import toy_frame
-from tests.statecheck import copy_state, hash_tree, run_cli
+from tests.statecheck import copy_state, hash_tree, run_cli, tiny_world
 
 TINY = ["--epochs", "1", "--batch-size", "8", "--max-tokens", "16", "--lora-rank", "4", "--n-train", "0", "--n-val", "8",
         "--n-test", "8"]
@@ -23,14 +21,8 @@ TINY = ["--epochs", "1", "--batch-size", "8", "--max-tokens", "16", "--lora-rank
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_backbone_dir):
     """A trained state (MLflow registry in the folder) and input files, good and bad."""
-    import torch
-
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bad")
-    data = root / "toy.csv"
-    toy_frame(60).to_csv(data, index=False)
-    cfg = S3TConfig(shards=2, slices=2, budget=2, epochs=1, batch_size=8, max_tokens=16, lora_rank=4, lora_alpha=8,
-                    n_train=None, n_val=8, n_test=8, backbone=str(tiny_backbone_dir), state_dir=root / "state")
+    cfg, data = tiny_world(root, tiny_backbone_dir, 60)
     engine = S3T.create(cfg, data, progress=False)
     engine.fit()
     files = root / "files"

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from s3t_ops.config import S3TConfig
 from s3t_ops.engine import S3T
 from s3t_ops.faults import POINTS
-from tests.conftest import toy_frame
-from tests.statecheck import byte_scan, copy_state, run_cli
+from tests.statecheck import byte_scan, copy_state, run_cli, tiny_world
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -56,14 +54,8 @@ def _checkpoint_bytes(engine: S3T) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_backbone_dir) -> World:
-    import torch
-
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("crash")
-    data = root / "toy.csv"
-    toy_frame(72).to_csv(data, index=False)
-    cfg = S3TConfig(shards=2, slices=2, budget=2, epochs=1, batch_size=8, max_tokens=16, lora_rank=4, lora_alpha=8,
-                    n_train=None, n_val=8, n_test=8, backbone=str(tiny_backbone_dir), state_dir=root / "template")
+    cfg, data = tiny_world(root, tiny_backbone_dir, 72, state="template")
     engine = S3T.create(cfg, data, progress=False)  # the default publisher: MLflow in the state folder
     engine.fit()
     for s in range(2):
