@@ -66,10 +66,15 @@ class S3TResource(dg.ConfigurableResource):
             engine.tags = {"dagster_run_id": run_id}
         return engine
 
-    def create(self, source: str | None, publisher):
+    def open_or_create(self, source: str | None, publisher, run_id: str | None = None):
+        """The state's engine; ingests `source` into a new state first (`publisher` is then recorded as its registry)."""
         from s3t_ops.engine import S3T
 
-        return S3T.create(self.config(), source, publisher=publisher, backbone=self._backbone(), progress=False)
+        engine = S3T.open_or_create(self.config(), source, publisher=None if self.exists() else publisher,
+                                    backbone=self._backbone(), progress=False)
+        if run_id:
+            engine.tags = {"dagster_run_id": run_id}
+        return engine
 
     def _backbone(self):
         cfg = self.config()

@@ -1,6 +1,6 @@
 """`s3t`: train S3T models, honour deletions at once, inspect the served plan; approximate unlearning (`s3t unlearn`).
 
-Each command makes one call into the engine's lifecycle (`S3T.open_or_create(...).fit()`, `S3T.open(...).forget(ids)`),
+Each command makes one call into the engine's lifecycle (`S3T.create(...)` or `S3T.open(...)`, then `.fit()` or `.forget(ids)`),
 which first repairs what a crash left and reports to the state's registry (MLflow by default). Errors are one line
 naming the problem, exit code 2, and the state is left as it was.
 """

@@ -137,6 +137,7 @@ class S3T:
         self._backbone_fp: str | None = None
         self._rows: dict[str, dict] | None = None
         self.tags: dict[str, str] = {}  # added to registry runs and versions (e.g. the Dagster run id)
+        self.last_repair = RepairReport()  # what `open` repaired
         self.sequences = select_sequences(cfg.selection, cfg.slices, cfg.budget, cfg.deletion_prior)
 
     # --- lifecycle: create / open -------------------------------------------------------------
@@ -201,8 +202,6 @@ class S3T:
         if (Path(cfg.state_dir) / CONFIG_FILE).is_file():
             return cls.open(cfg.state_dir, **kwargs)
         return cls.create(cfg, source, **kwargs)
-
-    last_repair: RepairReport = RepairReport()
 
     @property
     def publisher(self) -> Publisher:

@@ -31,11 +31,10 @@ def build_data_assets(parts: S3TPartitions) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name="data", description="Examples in the ledger with their (shard, slice); val/test trunk cache.")
     def examples(context: dg.AssetExecutionContext, config: IngestConfig, s3t: S3TResource, mlflow: MlflowResource) -> dg.MaterializeResult:
         t0 = time.perf_counter()
-        if not s3t.exists():
-            engine = s3t.create(None if config.source == "tweets" else config.source, mlflow.publisher(s3t.state_dir))
-        else:
-            engine = s3t.engine(run_id=context.run_id)
+        if s3t.exists():
             context.log.info(f"{s3t.state_dir} is already ingested; keeping its examples")
+        engine = s3t.open_or_create(None if config.source == "tweets" else config.source, mlflow.publisher(s3t.state_dir),
+                                    run_id=context.run_id)
         engine.build_trunk(slices=[], eval_splits=True)
         live = engine.examples()
         counts = live.groupby("split").size().to_dict()
