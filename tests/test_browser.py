@@ -98,6 +98,7 @@ def _tail(path: Path, n: int = 40) -> str:
 class Dagster:
     def __init__(self, port: int, log: Path):
         self.url, self.log = f"http://127.0.0.1:{port}", log
+        self.proc: subprocess.Popen | None = None  # `dagster dev`, once started
 
     def gql(self, query: str, **variables) -> dict:
         req = urllib.request.Request(f"{self.url}/graphql", data=json.dumps({"query": query, "variables": variables}).encode(),
@@ -111,7 +112,12 @@ class Dagster:
     def _until(self, probe, timeout: float, what: str, poll: float = 3.0):
         deadline, last = time.time() + timeout, None
         while time.time() < deadline:
-            done, last = probe()
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"dagster dev exited ({self.proc.returncode}) while waiting for {what}\n{_tail(self.log)}")
+            try:
+                done, last = probe()
+            except OSError as exc:  # a busy webserver may refuse a poll; the process check above catches a dead one
+                done, last = False, f"webserver unreachable: {exc}"
             if done:
                 return last
             time.sleep(poll)
@@ -180,7 +186,11 @@ def test_dagster_and_mlflow_uis_train_find_forget_and_show_the_deletion(chromium
     mlflow_port, dagster_port = _free_port(), _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "S3T_STATE": str(state), "S3T_CONFIG": str(tmp_path / "cfg.json"),
            "S3T_RETRAIN": "nightly", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "HF_HUB_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1",
+           # the nightly retraining schedule (RUNNING by default) must not tick during the test: at its tick it
+           # retrains stale (and not yet trained) stages, which would race the backfill and undo the staleness
+           # this test shows; put its tick ~12 h from now
+           "S3T_RETRAIN_CRON": f"{time.gmtime().tm_min} {(time.gmtime().tm_hour + 12) % 24} * * *"}
     shots_tmp = tmp_path / "browser"
     shots_tmp.mkdir()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -208,6 +218,7 @@ def test_dagster_and_mlflow_uis_train_find_forget_and_show_the_deletion(chromium
         procs.append(subprocess.Popen(
             [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(dagster_port)],
             cwd=REPO, env=env, stdout=files["dagster"], stderr=subprocess.STDOUT, start_new_session=True))
+        dagster.proc = procs[-1]
         _wait_http(f"{M}/health", 120, procs[0])
         _wait_http(f"{D}/server_info", 180, procs[1])
 
