@@ -251,3 +251,43 @@ def test_asset_graph_partitions_and_stage_dependencies():
         assert parents == ({"slice_data"} | ({f"stage_{k - 1}"} if k > 1 else set()))
         assert isinstance(node.partition_mappings[dg.AssetKey("slice_data")], dg.MultiPartitionMapping)
     assert graph.get(dg.AssetKey("s3t_ensemble")).partitions_def is None
+
+
+def test_find_examples_and_the_stage_checks_show_what_a_forget_staled(trained_pipeline):
+    """In the UI's terms: find an id by a word, forget it by its exact text, and the `serve` run (which the
+    deletion sensor starts) shows every stage_k_is_current check failing exactly on the partitions the
+    planner says are stale, with them listed; the examples asset carries a preview a user can copy ids from."""
+    from s3t_ops.engine import S3T
+
+    t = trained_pipeline
+    defs, instance, cfg = t["defs"], t["instance"], t["cfg"]
+    engine = S3T.open(cfg.state_dir, progress=False)
+    engine.retrain()  # start fresh whatever earlier tests left
+    found = defs.resolve_job_def("find_examples").execute_in_process(
+        run_config={"ops": {"find_examples_op": {"config": {"contains": "awful"}}}}, instance=instance)
+    assert found.success and found.output_for_node("find_examples_op") > 0
+    table = next(e.event_specific_data.metadata["examples"].value for e in found.all_events if e.event_type_value == "STEP_OUTPUT")
+    train = engine.examples("train")
+    hits = train[train["text"].str.contains("awful")]
+    assert all(f"`{i}`" in table for i in hits["id"].head(5))
+    preview = instance.get_latest_materialization_event(dg.AssetKey("examples")).asset_materialization.metadata["preview"].value
+    assert preview.startswith("| id | split | shard | slice | text |") and f"`{train['id'].iloc[0]}`" in preview
+    victim = hits.iloc[0]
+    out = defs.resolve_job_def("forget").execute_in_process(
+        run_config={"ops": {"forget_examples": {"config": {"ids": [victim["text"]]}}}}, instance=instance)
+    assert out.success and out.output_for_node("forget_examples")["new"] == [victim["id"]]
+    (s, j), = [tuple(c) for c in out.output_for_node("forget_examples")["dirty"]]
+    expected = stages_to_retrain(cyclic(3, 3), cfg.shards, {s: {j}})
+    serve = defs.resolve_job_def("serve").execute_in_process(instance=instance)
+    checks = {e.check_name: e for e in serve.get_asset_check_evaluations()}
+    assert set(checks) == {f"stage_{k}_is_current" for k in (1, 2, 3)} | {"exactness_audit"}
+    assert checks["exactness_audit"].passed
+    for k in (1, 2, 3):
+        stale = sorted(str(S3TPartitions.stage_partition(s2, q)) for s2, q, k2 in expected if k2 == k)
+        ev = checks[f"stage_{k}_is_current"]
+        assert ev.passed == (not stale) and ev.metadata["stale_partitions"].data == stale, k
+    with pytest.raises(dg.Failure, match="1 unknown example id"):
+        defs.resolve_job_def("forget").execute_in_process(
+            run_config={"ops": {"forget_examples": {"config": {"ids": ["no such text or id"]}}}}, instance=instance)
+    engine.retrain()
+    assert all(e.passed for e in defs.resolve_job_def("serve").execute_in_process(instance=instance).get_asset_check_evaluations())
