@@ -27,6 +27,13 @@ def build_retrain_schedule(stages: list[dg.AssetsDefinition], cron: str) -> dg.S
         if not s3t.exists():
             return dg.SkipReason("no ledger yet")
         engine = s3t.engine(load_backbone=False, repair=False)
+        if engine.served() is None:
+            return dg.SkipReason("not trained yet: the first training is a materialization, not a retraining")
+        busy = context.instance.get_run_records(dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                      dg.DagsterRunStatus.STARTED]), limit=500)
+        if any(set(r.dagster_run.asset_selection or ()) & set(keys) for r in busy):
+            return dg.SkipReason("stages are training in a run already; the next tick retrains what is still stale")
         requests = stale_stage_requests(engine, keys, context.scheduled_execution_time.isoformat())
         return requests or dg.SkipReason("every stage is fresh")
 

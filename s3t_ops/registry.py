@@ -38,8 +38,9 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}  # the UI opens runs and models, not GenAI traces
 INVALIDATED_TAG = "s3t.invalidated_by_deletion"
 MODEL_DESCRIPTION = ("S3T ensemble (exact unlearning): each version serves, per shard, the longest stage prefix whose "
-                     "checkpoints never saw a deleted example. Alias `champion` = the version to serve. Load with "
-                     "mlflow.pyfunc.load_model('models:/<name>@champion'); predict(DataFrame(text=[...])).")
+                     "checkpoints never saw a deleted example. Alias `champion` = the version to serve. Load it with "
+                     "`mlflow.pyfunc.load_model(\"models:/{name}@champion\")` and call "
+                     "`predict(pandas.DataFrame({{\"text\": [...]}}))`.")
 MAX_TAG_CHARS = 4000  # well under MLflow's tag value limit; longer id lists go to an artifact only
 
 
@@ -271,7 +272,7 @@ class Tracker:
             self.client.get_registered_model(self.model_name)
         except MlflowException:
             try:
-                self.client.create_registered_model(self.model_name, description=MODEL_DESCRIPTION)
+                self.client.create_registered_model(self.model_name, description=MODEL_DESCRIPTION.format(name=self.model_name))
             except MlflowException:  # created concurrently
                 pass
 

@@ -79,7 +79,8 @@ def trained_pipeline(tmp_path_factory, tiny_backbone_dir):
                     lora_alpha=8, n_train=None, n_val=12, n_test=12, backbone=str(tiny_backbone_dir), state_dir=root / "state")
     settings = PipelineSettings(cfg=cfg, retrain_policy="eager", tracking_uri=f"sqlite:///{root}/mlflow.db")
     defs = build_definitions(settings)
-    instance = dg.DagsterInstance.ephemeral()
+    instance_cm = dg.instance_for_test()  # a persistent temporary instance: schedules and sensors can read it
+    instance = instance_cm.__enter__()
     graph = defs.resolve_asset_graph()
     examples = defs.resolve_assets_def("examples")
     slice_data = defs.resolve_assets_def("slice_data")
@@ -93,7 +94,8 @@ def trained_pipeline(tmp_path_factory, tiny_backbone_dir):
         dg.materialize(stages, partition_key=key, instance=instance)
     result = dg.materialize([ensemble], instance=instance)
     assert result.success
-    return {"defs": defs, "instance": instance, "cfg": cfg, "slice_data": slice_data, "stages": stages, "graph": graph}
+    yield {"defs": defs, "instance": instance, "cfg": cfg, "slice_data": slice_data, "stages": stages, "graph": graph}
+    instance_cm.__exit__(None, None, None)
 
 
 def _requested_stage_partitions(result, L):
