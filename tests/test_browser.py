@@ -18,8 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import toy_frame
+from tests.servers import free_port, stop, wait_http
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -54,37 +53,7 @@ def chromium() -> str:
     return path
 
 
-# ---------------------------------------------------------------- servers (as tests/test_e2e_servers.py)
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with {proc.returncode}: {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
+# ---------------------------------------------------------------- servers: tests/servers.py
 
 def _tail(path: Path, n: int = 40) -> str:
     try:
@@ -183,7 +152,7 @@ def test_dagster_and_mlflow_uis_train_find_forget_and_show_the_deletion(chromium
     toy = toy_frame(90)
     toy.to_csv(data, index=False)
     (tmp_path / "cfg.json").write_text(json.dumps({**CFG, "backbone": str(tiny_backbone_dir)}))
-    mlflow_port, dagster_port = _free_port(), _free_port()
+    mlflow_port, dagster_port = free_port(), free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "S3T_STATE": str(state), "S3T_CONFIG": str(tmp_path / "cfg.json"),
            "S3T_RETRAIN": "nightly", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1",
@@ -219,8 +188,8 @@ def test_dagster_and_mlflow_uis_train_find_forget_and_show_the_deletion(chromium
             [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(dagster_port)],
             cwd=REPO, env=env, stdout=files["dagster"], stderr=subprocess.STDOUT, start_new_session=True))
         dagster.proc = procs[-1]
-        _wait_http(f"{M}/health", 120, procs[0])
-        _wait_http(f"{D}/server_info", 180, procs[1])
+        wait_http(f"{M}/health", 120, procs[0])
+        wait_http(f"{D}/server_info", 180, procs[1])
 
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=UI_MS)
@@ -324,7 +293,7 @@ def test_dagster_and_mlflow_uis_train_find_forget_and_show_the_deletion(chromium
                     shot("03-asset-graph-materialized")
 
                     # -- 4. find an example id with the find_examples job, read it from the run's output metadata
-                    find_run = launch_job("find_examples", f"ops:\n  find_examples_op:\n    config:\n      contains: {WORD}\n")
+                    launch_job("find_examples", f"ops:\n  find_examples_op:\n    config:\n      contains: {WORD}\n")
                     page.get_by_text("[Show Markdown]").first.click()
                     table = page.get_by_role("dialog").locator("table")
                     expect(table).to_be_visible()
@@ -418,7 +387,7 @@ def test_dagster_and_mlflow_uis_train_find_forget_and_show_the_deletion(chromium
                 browser.close()
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop(p)
         for f in files.values():
             f.close()
         with capsys.disabled():

@@ -8,52 +8,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from tests.conftest import toy_frame
+from tests.servers import free_port, stop, wait_http
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with {proc.returncode}: {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
@@ -81,7 +49,7 @@ def test_forget_through_graphql_moves_champion_then_eager_retrain_restores_depth
     cfg = {"shards": 2, "slices": 2, "budget": 2, "epochs": 1, "batch_size": 8, "lr": 0.005, "max_tokens": 16, "lora_rank": 4,
            "lora_alpha": 8, "n_train": None, "n_val": 10, "n_test": 10, "backbone": str(tiny_backbone_dir)}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    mlflow_port, dagster_port = _free_port(), _free_port()
+    mlflow_port, dagster_port = free_port(), free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "S3T_STATE": str(state), "S3T_CONFIG": str(tmp_path / "cfg.json"),
            "S3T_RETRAIN": "eager", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
@@ -95,7 +63,7 @@ def test_forget_through_graphql_moves_champion_then_eager_retrain_restores_depth
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--artifacts-destination", str(tmp_path / "mlartifacts")],
             env=env, stdout=logs["mlflow"], stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120, procs[0])
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120, procs[0])
 
         # initial full materialization into the same Dagster instance, before the servers read it
         defs = build_definitions(load_settings())
@@ -117,7 +85,7 @@ def test_forget_through_graphql_moves_champion_then_eager_retrain_restores_depth
         procs.append(subprocess.Popen(
             [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(dagster_port)],
             cwd=REPO, env=env, stdout=logs["dagster"], stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_http(f"http://127.0.0.1:{dagster_port}/server_info", 180, procs[1])
+        wait_http(f"http://127.0.0.1:{dagster_port}/server_info", 180, procs[1])
 
         from dagster_graphql import DagsterGraphQLClient
 
@@ -147,7 +115,7 @@ def test_forget_through_graphql_moves_champion_then_eager_retrain_restores_depth
               f"{time.time() - t_submit:.1f}s after the request")
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop(p)
         for f in logs.values():
             f.close()
     assert all(p.poll() is not None for p in procs)
