@@ -30,13 +30,36 @@ def build_resources(settings: PipelineSettings) -> dict:
             "mlflow": MlflowResource(tracking_uri=settings.tracking_uri, model_name=settings.model_name)}
 
 
+def build_executor(settings: PipelineSettings) -> dg.ExecutorDefinition | None:
+    """S3T_EXECUTOR (docs/scaling.md). None: Dagster's default (multiprocess; Launchpad may pick in_process)."""
+    if settings.executor == "dask":
+        from pipelines.dask_executor import s3t_dask_executor  # worker processes, one thread each: torch state per worker
+
+        cluster = ({"existing": {"address": settings.dask_address}} if settings.dask_address
+                   else {"local": {"n_workers": settings.dask_workers, "processes": True}})
+        return s3t_dask_executor.configured({"cluster": cluster}, name="dask")
+    if settings.executor == "k8s":
+        from dagster_k8s import k8s_job_executor  # image/namespace from the K8sRunLauncher or the run's `execution` config
+
+        return k8s_job_executor
+    return None
+
+
+def stage_op_tags(settings: PipelineSettings) -> dict | None:
+    """Resource requests of each stage step's pod under the k8s executor."""
+    if settings.executor != "k8s":
+        return None
+    requests = {"cpu": settings.k8s_cpu, "memory": settings.k8s_memory}
+    return {"dagster-k8s/config": {"container_config": {"resources": {"requests": requests}}}}
+
+
 def build_definitions(settings: PipelineSettings) -> dg.Definitions:
     cfg = settings.cfg
     sequences = select_sequences(cfg.selection, cfg.slices, cfg.budget, cfg.deletion_prior)
     parts = S3TPartitions(cfg.shards, sequences)
     eager = settings.retrain_policy == "eager"
     examples, slice_data = build_data_assets(parts)
-    stages = build_stage_assets(parts, dg.AutomationCondition.eager() if eager else None)
+    stages = build_stage_assets(parts, dg.AutomationCondition.eager() if eager else None, stage_op_tags(settings))
     ensemble = build_serving_asset(cfg.slices)
     stage_checks = build_stage_checks(cfg.slices)
     refresh_slices = refresh_slices_job(parts.slice_def)
@@ -54,6 +77,7 @@ def build_definitions(settings: PipelineSettings) -> dg.Definitions:
         # the nightly policy has a schedule; the eager one retrains through automation and lists no schedule
         schedules=[] if eager else [build_retrain_schedule(stages, settings.retrain_cron)],
         resources=build_resources(settings),
+        executor=build_executor(settings),
     )
 
 

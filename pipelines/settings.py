@@ -3,6 +3,9 @@
 S3T_STATE (default ./s3t_state) names the state folder; its config.json wins when it exists, else
 S3T_CONFIG (a JSON file of S3TConfig fields) or the defaults. S3T_RETRAIN picks the retraining
 policy for stale stages: "nightly" (default; cron S3T_RETRAIN_CRON, "0 2 * * *") or "eager".
+S3T_EXECUTOR picks Dagster's executor for asset runs (docs/scaling.md): "multiprocess" (default), "dask"
+(S3T_DASK_ADDRESS: an existing scheduler; else a local cluster of S3T_DASK_WORKERS worker processes) or
+"k8s" (one pod per step; stage steps request S3T_K8S_CPU and S3T_K8S_MEMORY).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 from s3t_ops.config import S3TConfig
 
 POLICIES = ("nightly", "eager")
+EXECUTORS = ("multiprocess", "dask", "k8s")
 
 
 @dataclass(frozen=True)
@@ -23,10 +27,19 @@ class PipelineSettings:
     retrain_cron: str = "0 2 * * *"
     model_name: str = "s3t-ensemble"
     tracking_uri: str = ""  # empty: sqlite in the state folder
+    executor: str = "multiprocess"
+    dask_address: str = ""  # empty: a local Dask cluster per run
+    dask_workers: int = 2  # worker processes of that local cluster (one thread each)
+    k8s_cpu: str = "1"  # Kubernetes requests of each stage step's pod
+    k8s_memory: str = "4Gi"
 
     def __post_init__(self) -> None:
         if self.retrain_policy not in POLICIES:
             raise ValueError(f"S3T_RETRAIN must be one of {', '.join(POLICIES)}, got {self.retrain_policy!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"S3T_EXECUTOR must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.dask_workers < 1:
+            raise ValueError(f"S3T_DASK_WORKERS must be at least 1, got {self.dask_workers}")
 
 
 def load_settings(env: dict[str, str] | None = None) -> PipelineSettings:
@@ -45,4 +58,16 @@ def load_settings(env: dict[str, str] | None = None) -> PipelineSettings:
         retrain_cron=env.get("S3T_RETRAIN_CRON", "0 2 * * *"),
         model_name=env.get("S3T_MODEL_NAME", "s3t-ensemble"),
         tracking_uri=env.get("MLFLOW_TRACKING_URI", ""),
+        executor=env.get("S3T_EXECUTOR", "multiprocess"),
+        dask_address=env.get("S3T_DASK_ADDRESS", ""),
+        dask_workers=_int(env, "S3T_DASK_WORKERS", 2),
+        k8s_cpu=env.get("S3T_K8S_CPU", "1"),
+        k8s_memory=env.get("S3T_K8S_MEMORY", "4Gi"),
     )
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    try:
+        return int(env.get(name, default))
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {env[name]!r}") from None

@@ -13,18 +13,21 @@ from pipelines.partitions import S3TPartitions
 from pipelines.resources import S3TResource
 
 
-def build_stage_assets(parts: S3TPartitions, automation: dg.AutomationCondition | None) -> list[dg.AssetsDefinition]:
-    return [_stage_asset(parts, k, automation) for k in range(1, parts.L + 1)]
+def build_stage_assets(parts: S3TPartitions, automation: dg.AutomationCondition | None,
+                       op_tags: dict | None = None) -> list[dg.AssetsDefinition]:
+    """`op_tags` go on every stage step (e.g. `dagster-k8s/config` resource requests, docs/scaling.md)."""
+    return [_stage_asset(parts, k, automation, op_tags) for k in range(1, parts.L + 1)]
 
 
-def _stage_asset(parts: S3TPartitions, k: int, automation: dg.AutomationCondition | None) -> dg.AssetsDefinition:
+def _stage_asset(parts: S3TPartitions, k: int, automation: dg.AutomationCondition | None,
+                 op_tags: dict | None = None) -> dg.AssetsDefinition:
     deps = [dg.AssetDep("slice_data", partition_mapping=parts.slice_mapping(k))]
     if k > 1:
         deps.append(dg.AssetDep(f"stage_{k - 1}"))
     slices = "slice" if k == 1 else f"{k} slices"
 
     @dg.asset(name=f"stage_{k}", partitions_def=parts.stage_def, deps=deps, group_name="stages",
-              automation_condition=automation, backfill_policy=dg.BackfillPolicy.single_run(),
+              automation_condition=automation, backfill_policy=dg.BackfillPolicy.single_run(), op_tags=op_tags,
               description=f"Stage {k}: LoRA of group {k} from the top + head, trained on the first {slices} of the sequence. "
                           "A partition is stale when a deletion hit one of those slices.")
     def _stage(context: dg.AssetExecutionContext, s3t: S3TResource) -> dg.MaterializeResult:
