@@ -112,3 +112,12 @@ def test_replace_revalidates():
     with pytest.raises(ConfigError) as exc:
         S3TConfig().replace(batch_size=0)
     assert exc.value.field == "batch_size"
+
+
+def test_a_state_saved_before_a_field_existed_keeps_its_old_behaviour(tmp_path):
+    """refine_groups became the default after states were saved without it: they were trained without it."""
+    d = S3TConfig(state_dir=tmp_path).to_dict()
+    del d["refine_groups"]
+    assert S3TConfig.from_dict(d).refine_groups is False
+    assert S3TConfig().refine_groups is True
+    assert S3TConfig.from_dict(S3TConfig(state_dir=tmp_path).to_dict()).refine_groups is True
