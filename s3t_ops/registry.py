@@ -44,6 +44,18 @@ MODEL_DESCRIPTION = ("S3T ensemble (exact unlearning): each version serves, per 
 MAX_TAG_CHARS = 4000  # well under MLflow's tag value limit; longer id lists go to an artifact only
 
 
+def use_tracking_uri(uri: str) -> None:
+    """Point mlflow's fluent API at `uri` without exporting it. mlflow.set_tracking_uri also writes
+    MLFLOW_TRACKING_URI into os.environ, which every later child process (a Dagster step, an `s3t`
+    subprocess) would read as the user's choice of registry, and refuse a state recorded with another."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def default_tracking_uri(state_dir: str | Path) -> str:
     return f"sqlite:///{(Path(state_dir) / 'mlflow.db').resolve()}"
 
@@ -104,7 +116,7 @@ class Tracker:
 
         self.uri = tracking_uri
         self.model_name = model_name
-        mlflow.set_tracking_uri(tracking_uri)
+        use_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -415,5 +427,5 @@ def load_champion(model_name: str = "s3t-ensemble", tracking_uri: str | None = N
     import mlflow.pyfunc
 
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+        use_tracking_uri(tracking_uri)
     return mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")

@@ -3,6 +3,7 @@ champion, keyed deletion tags, descriptions, idempotent publishing, hard-deleted
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -104,3 +105,21 @@ def test_publishing_is_idempotent(trained):
     assert tracker.publish_plan(engine, pid, record) == version
     assert tracker.champion()["version"] == version
     assert len(tracker.versions()) == 1
+
+
+def test_the_registry_does_not_export_its_tracking_uri(trained, monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; a child process (a Dagster step,
+    an `s3t` subprocess) would read it as the user's choice and refuse a state recorded with another store."""
+    from s3t_ops.registry import Tracker, load_champion
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)  # mlflow writes on a change only
+    _, eng = trained
+    uri = f"sqlite:///{(eng.root / 'mlflow.db').resolve()}"
+    Tracker(uri, model_name="toy")
+    load_champion("toy", tracking_uri=uri)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere.db")
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    Tracker(uri, model_name="toy")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere.db"
