@@ -20,7 +20,7 @@ ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 CONFIG_FLAGS = {"shards": "shards", "slices": "slices", "budget": "budget", "selection": "selection",
                 "deletion_prior": "deletion_prior", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
                 "lora_rank": "lora_rank", "max_tokens": "max_tokens", "n_train": "n_train", "n_val": "n_val",
-                "n_test": "n_test", "seed": "seed", "backbone": "backbone"}
+                "n_test": "n_test", "seed": "seed", "backbone": "backbone", "storage_url": "storage_url"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-test", type=int, help=f"(default {d.n_test})")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
     g.add_argument("--backbone", help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--storage-url", help="where the trunk cache, slice files and checkpoints live: an fsspec URL "
+                                         "(s3://bucket/prefix, gs://..., a folder); default: the state folder. The ledger stays there")
 
 
 def _explicit(args: argparse.Namespace) -> dict:
