@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -144,7 +144,7 @@ class S3T:
         self.storage = Storage(cfg.storage_url or cfg.state_dir)
         self.store = CheckpointStore(self.storage)
         self._backbone = backbone
-        self._trunks: dict[str, tuple[tuple[int, int], "TrunkCache"]] = {}
+        self._trunks: dict[str, tuple[Hashable, "TrunkCache"]] = {}  # name -> (storage stamp, cache)
         self.progress = progress
         self._publisher = publisher
         self._label_names: list[str] | None = None
