@@ -227,6 +227,7 @@ def _open(state: str, progress: bool = False, warn: bool = True):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from s3t_ops.demo import run_demo
+    from s3t_ops.storage import Storage
 
     state = Path(args.state)
     if state.is_file():
@@ -235,6 +236,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not args.fresh:
             raise FileExistsError(f"{state} already holds a state; pass --fresh to replace it or --state to choose another folder")
         cfg = _config(args)  # validate the flags before the old state is deleted
+        old = state / "config.json"
+        old_url = json.loads(old.read_text()).get("storage_url") if old.is_file() else None
+        if old_url:  # the old state's data files are elsewhere: replaced with it
+            Storage(old_url).clear()
         shutil.rmtree(state)
     else:
         cfg = _config(args)

@@ -26,6 +26,7 @@ from typing import IO
 from s3t_ops.files import remove_temporaries, tmp_path, write_bytes
 
 LOCAL_PROTOCOLS = ("file", "local")
+DATA_PREFIXES = ("trunk", "slices", "checkpoints")
 
 
 class StorageError(RuntimeError):
@@ -183,11 +184,17 @@ class Storage:
         return [str(p) for p in remove_temporaries(self._local_root / prefix)]
 
     # --- a new state ----------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Remove every data file (`s3t demo --fresh` replacing a state stored at this URL)."""
+        for prefix in DATA_PREFIXES:
+            if self.fs.exists(self._full(prefix)):
+                self.fs.rm(self._full(prefix), recursive=True)
+
     def check_empty(self) -> None:
         """Reachable and holding no data files (one URL per state: another state's checkpoints would mix in).
         StorageError naming the URL otherwise."""
         try:
-            found = [p for p in ("trunk", "slices", "checkpoints") if self.fs.exists(self._full(p))]
+            found = [p for p in DATA_PREFIXES if self.fs.exists(self._full(p))]
         except Exception as exc:  # each filesystem raises its own errors (credentials, network, permissions)
             raise StorageError(f"storage {self.url} is unreachable: {' '.join(str(exc).split()) or type(exc).__name__}") from None
         if found:

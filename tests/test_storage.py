@@ -235,6 +235,9 @@ def test_bad_storage_urls_are_one_line_before_anything_is_created(tmp_path, tiny
         S3T.create(cfg_for(tiny_backbone_dir, tmp_path / "second", memory_url, shards=1, slices=1, budget=1), data,
                    publisher=Publisher(), progress=False)
     assert not (tmp_path / "second").exists()
+    first = S3T.open(tmp_path / "first", publisher=Publisher(), progress=False)
+    first.storage.clear()  # what `s3t demo --fresh` does to a state stored elsewhere
+    assert first.storage.glob("*/*") == [] and first.storage.glob("*") == []
 
 
 def _installed(name: str) -> bool:
