@@ -1,7 +1,9 @@
 """Where the pipeline's config comes from: partitions are static, so they are fixed when definitions load.
 
 S3T_STATE (default ./s3t_state) names the state folder; its config.json wins when it exists, else
-S3T_CONFIG (a JSON file of S3TConfig fields) or the defaults. S3T_RETRAIN picks the retraining
+S3T_CONFIG (a JSON file of S3TConfig fields) or the defaults. S3T_STORAGE_URL (an fsspec URL, e.g.
+s3://bucket/prefix) puts a new state's trunk cache, slice files and checkpoints there (docs/scaling.md,
+"Storage"); for an existing state it must name the URL the state was created with. S3T_RETRAIN picks the retraining
 policy for stale stages: "nightly" (default; cron S3T_RETRAIN_CRON, "0 2 * * *") or "eager".
 S3T_EXECUTOR picks Dagster's executor for asset runs (docs/scaling.md): "multiprocess" (default), "dask"
 (S3T_DASK_ADDRESS: an existing scheduler; else a local cluster of S3T_DASK_WORKERS worker processes) or
@@ -52,6 +54,12 @@ def load_settings(env: dict[str, str] | None = None) -> PipelineSettings:
     else:
         data = {}
     data["state_dir"] = str(state)
+    url = env.get("S3T_STORAGE_URL") or None
+    if url is not None:
+        if (state / "config.json").is_file() and data.get("storage_url") != url:
+            raise ValueError(f"S3T_STORAGE_URL={url} differs from the storage_url={data.get('storage_url')} the state "
+                             f"{state} was created with; storage is fixed when a state is created")
+        data["storage_url"] = url
     return PipelineSettings(
         cfg=S3TConfig.from_dict(data),
         retrain_policy=env.get("S3T_RETRAIN", "nightly"),

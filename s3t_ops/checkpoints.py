@@ -12,10 +12,11 @@ and the engine treats the stage as missing (retrained), never served.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from s3t_ops.files import write_bytes
+from s3t_ops.storage import Staged, Storage
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: honouring a deletion never needs it
     import torch
@@ -49,35 +50,43 @@ def canonical_bytes(state: dict[str, "torch.Tensor"]) -> bytes:
 
 
 class CheckpointStore:
-    """Safetensors files under a root folder, one per key; writes are atomic, loads are verified."""
+    """Safetensors files under `checkpoints/` of a `Storage`, one per key; writes are atomic, loads are verified."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self._verified: dict[str, tuple[int, int, str]] = {}  # key -> (size, mtime_ns, sha) already checked
+    PREFIX = "checkpoints"
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self._verified: dict[str, tuple[Hashable, str]] = {}  # key -> (stamp, sha) already checked
+
+    def _rel(self, key: str) -> str:
+        return f"{self.PREFIX}/{key[:2]}/{key}.safetensors"
+
+    def location(self, key: str) -> str:
+        """Where a key's file is (a local path or an object URL), for messages."""
+        return self.storage.location(self._rel(key))
 
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
+        """The local file of a key (local storage only)."""
+        return self.storage.local_path(self._rel(key))
 
     def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
+        return self.storage.exists(self._rel(key))
 
     def keys_on_disk(self) -> set[str]:
-        if not self.root.is_dir():
-            return set()
-        return {p.stem for p in self.root.glob("*/*.safetensors")}
+        return {rel.rsplit("/", 1)[-1].removesuffix(".safetensors") for rel in self.storage.glob(f"{self.PREFIX}/*/*.safetensors")}
 
-    def write(self, key: str, data: bytes) -> Path:
-        return write_bytes(self.path(key), data)
+    def stage(self, key: str, data: bytes) -> Staged:
+        """A file to place under its key inside the ledger transaction that records it (`Ledger.record_checkpoint`)."""
+        return self.storage.stage(self._rel(key), data)
 
     def read(self, key: str, sha256: str | None) -> bytes:
         """The file's bytes, checked against `sha256` (None: rows from before hashes were kept)."""
-        path = self.path(key)
         try:
-            data = path.read_bytes()
+            data = self.storage.read_bytes(self._rel(key))
         except FileNotFoundError:
-            raise IntegrityError(f"checkpoint file {path} is missing") from None
+            raise IntegrityError(f"checkpoint file {self.location(key)} is missing") from None
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            raise IntegrityError(f"checkpoint file {path} is damaged: its sha256 differs from the ledger's")
+            raise IntegrityError(f"checkpoint file {self.location(key)} is damaged: its sha256 differs from the ledger's")
         return data
 
     def load(self, key: str, sha256: str | None) -> dict[str, "torch.Tensor"]:
@@ -87,32 +96,25 @@ class CheckpointStore:
         try:
             return load_bytes(data)
         except Exception as exc:  # safetensors raises its own error types for a bad header
-            raise IntegrityError(f"checkpoint file {self.path(key)} is damaged: {exc}") from None
+            raise IntegrityError(f"checkpoint file {self.location(key)} is damaged: {exc}") from None
 
     def intact(self, key: str, sha256: str | None) -> bool:
         """File present with the expected bytes; a check is remembered until the file changes."""
-        path = self.path(key)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
+        stamp = self.storage.stamp(self._rel(key))
+        if stamp is None:
             return False
-        stamp = (st.st_size, st.st_mtime_ns, sha256 or "")
-        if self._verified.get(key) == stamp:
+        if self._verified.get(key) == (stamp, sha256 or ""):
             return True
         try:
             self.read(key, sha256)
         except IntegrityError:
             return False
-        self._verified[key] = stamp
+        self._verified[key] = (stamp, sha256 or "")
         return True
 
     def delete(self, key: str) -> bool:
         self._verified.pop(key, None)
-        path = self.path(key)
-        if path.is_file():
-            path.unlink()
-            return True
-        return False
+        return self.storage.remove(self._rel(key))
 
 
 def split_state(state: dict[str, "torch.Tensor"]) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:

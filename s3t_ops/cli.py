@@ -20,7 +20,7 @@ ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 CONFIG_FLAGS = {"shards": "shards", "slices": "slices", "budget": "budget", "selection": "selection",
                 "deletion_prior": "deletion_prior", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
                 "lora_rank": "lora_rank", "max_tokens": "max_tokens", "n_train": "n_train", "n_val": "n_val",
-                "n_test": "n_test", "seed": "seed", "backbone": "backbone"}
+                "n_test": "n_test", "seed": "seed", "backbone": "backbone", "storage_url": "storage_url"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-test", type=int, help=f"(default {d.n_test})")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
     g.add_argument("--backbone", help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--storage-url", help="where the trunk cache, slice files and checkpoints live: an fsspec URL "
+                                         "(s3://bucket/prefix, gs://..., a folder); default: the state folder. The ledger stays there")
 
 
 def _explicit(args: argparse.Namespace) -> dict:
@@ -225,6 +227,7 @@ def _open(state: str, progress: bool = False, warn: bool = True):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from s3t_ops.demo import run_demo
+    from s3t_ops.storage import Storage
 
     state = Path(args.state)
     if state.is_file():
@@ -233,6 +236,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not args.fresh:
             raise FileExistsError(f"{state} already holds a state; pass --fresh to replace it or --state to choose another folder")
         cfg = _config(args)  # validate the flags before the old state is deleted
+        old = state / "config.json"
+        old_url = json.loads(old.read_text()).get("storage_url") if old.is_file() else None
+        if old_url:  # the old state's data files are elsewhere: replaced with it
+            Storage(old_url).clear()
         shutil.rmtree(state)
     else:
         cfg = _config(args)

@@ -12,7 +12,8 @@ from s3t_ops.sequences import SELECTIONS
 
 TRUNK_DTYPES = ("float32", "float16", "bfloat16")
 # fields added after the first release, with the behaviour states saved without them were trained with
-LEGACY_FIELDS: dict[str, Any] = {"frozen_blocks": 0, "warm_start_head": True, "refine_groups": False, "trunk_dtype": "float32"}  # storage of cached hidden states (s3t_ops/trunk.py)
+LEGACY_FIELDS: dict[str, Any] = {"frozen_blocks": 0, "warm_start_head": True, "refine_groups": False, "trunk_dtype": "float32",
+                                 "storage_url": None}
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,10 @@ class S3TConfig:
     n_val: int | None = 300
     n_test: int | None = 600
     backbone: str | None = None  # a local HF model folder; None = the packaged all-MiniLM-L6-v2
+    # where the trunk cache, slice files and checkpoints live (s3t_ops/storage.py): None = the state folder
+    # itself, else an fsspec URL (s3://bucket/prefix, gs://..., a local folder). Not in the fingerprint:
+    # where a checkpoint is stored does not change what it holds.
+    storage_url: str | None = None
     state_dir: Path = field(default=Path("s3t_state"))
 
     def __post_init__(self) -> None:
@@ -100,6 +105,15 @@ class S3TConfig:
             raise ConfigError("lr", f"must be positive, got {self.lr}")
         if not self.lora_targets:
             raise ConfigError("lora_targets", "name at least one module (e.g. query, value)")
+        if self.storage_url is not None:
+            from s3t_ops.storage import check_url
+
+            if not isinstance(self.storage_url, str) or not self.storage_url.strip():
+                raise ConfigError("storage_url", f"must be a URL or folder (or None: the state folder), got {self.storage_url!r}")
+            try:
+                check_url(self.storage_url)
+            except ValueError as exc:
+                raise ConfigError("storage_url", str(exc)) from None
 
     def check_backbone(self, n_blocks: int, max_positions: int | None = None) -> None:
         """Fail early, naming the field, when the backbone cannot hold one group per slice or the tokens."""

@@ -6,20 +6,23 @@ MLflow registry by default: `stage_trained`, `plan_served`), so every door leave
 files and registry.
 
 State lives in one folder (`cfg.state_dir`): config.json, secret.key (tombstone key), ledger.duckdb,
+mlflow.db and mlartifacts/ (the default registry), memorization/ (approximate unlearning artifacts).
+The data files are in the state's `Storage` (`cfg.storage_url`; by default the state folder itself):
 trunk/ (cached frozen hidden states per training slice, plus val/test), slices/ (live members per
-slice as Parquet, for the pipeline), checkpoints/ (content-addressed stage checkpoints), mlflow.db
-and mlartifacts/ (the default registry), memorization/ (approximate unlearning artifacts).
+slice as Parquet, for the pipeline), checkpoints/ (content-addressed stage checkpoints).
 
 Crash safety (docs/lifecycle.md): honouring is one ledger transaction; everything after it
 (publishing, erasure, purging) is an idempotent step driven by the ledger, which `open` resumes.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +38,7 @@ from s3t_ops.partition import assign, slice_version
 from s3t_ops.planner import ServingPlan, serving_plan
 from s3t_ops.publish import Publisher, default_publisher, settings_from_env
 from s3t_ops.sequences import select_sequences
+from s3t_ops.storage import Storage
 from s3t_ops.tombstones import Keyring
 
 if TYPE_CHECKING:
@@ -119,6 +123,16 @@ def _slice_file(shard: int, slc: int) -> str:
     return f"train-s{shard}-j{slc}.safetensors"
 
 
+def trunk_file(name: str) -> str:
+    """A trunk cache file's path in the storage (`name`: a training slice's file, val or test)."""
+    return f"trunk/{name}"
+
+
+def slice_parquet(shard: int, slc: int) -> str:
+    """A slice's Parquet file's path in the storage."""
+    return f"slices/s{shard}-j{slc}.parquet"
+
+
 class S3T:
     """One S3T model over one state folder. Build it with `create`, `open` or `open_or_create`."""
 
@@ -127,10 +141,10 @@ class S3T:
         self.cfg = cfg
         self.root = Path(cfg.state_dir)
         self.ledger = Ledger(self.root / "ledger.duckdb")
-        self.store = CheckpointStore(self.root / "checkpoints")
-        self.trunk_dir = self.root / "trunk"
+        self.storage = Storage(cfg.storage_url or cfg.state_dir)
+        self.store = CheckpointStore(self.storage)
         self._backbone = backbone
-        self._trunks: dict[str, tuple[tuple[int, int], "TrunkCache"]] = {}
+        self._trunks: dict[str, tuple[Hashable, "TrunkCache"]] = {}  # name -> (storage stamp, cache)
         self.progress = progress
         self._publisher = publisher
         self._label_names: list[str] | None = None
@@ -154,6 +168,8 @@ class S3T:
         if root.exists() and any(root.iterdir()):
             raise StateError(f"{root} already holds files; choose another --state folder or remove it")
         cfg.check_backbone(*backbone_shape(cfg))  # before anything is written
+        if cfg.storage_url is not None:
+            Storage(cfg.storage_url).check_empty()
         parent = root.resolve().parent
         if not parent.is_dir():
             raise StateError(f"cannot create {root}: {parent} does not exist")
@@ -278,9 +294,6 @@ class S3T:
         return [by_text.get(v, v) for v in values]
 
     # --- trunk ------------------------------------------------------------------------------
-    def _trunk_path(self, name: str) -> Path:
-        return self.trunk_dir / name
-
     def build_trunk(self, slices: Iterable[tuple[int, int]] | None = None, eval_splits: bool = True) -> int:
         """Compute the frozen hidden states of live examples not cached yet (all slices, or the ones named)."""
         from s3t_ops.trunk import compute_trunk
@@ -294,45 +307,39 @@ class S3T:
         if eval_splits:
             for split in ("val", "test"):
                 todo.append((f"{split}.safetensors", self.ledger.examples(split)))
-        todo = [(n, p) for n, p in todo if not self._trunk_path(n).is_file()]
+        todo = [(n, p) for n, p in todo if not self.storage.exists(trunk_file(n))]
         total = sum(len(p) for _, p in todo)
         with self._bar(total, "trunk (frozen backbone, once per example)") as bar:
             for name, part in todo:
                 cache = compute_trunk(self.backbone, part["id"].tolist(), part["text"].tolist(), progress=bar.update)
-                cache.save(self._trunk_path(name))
+                cache.save(self.storage, trunk_file(name))
         return total
 
     def trunk(self, name: str) -> "TrunkCache":
         """A cached trunk file, reloaded when erasure (maybe in another process) rewrote it."""
         from s3t_ops.trunk import TrunkCache
 
-        path = self._trunk_path(name)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise StateError(f"trunk cache {path} is missing; run the trunk step first") from None
-        stamp = (st.st_mtime_ns, st.st_size)
+        rel = trunk_file(name)
+        stamp = self.storage.stamp(rel)
+        if stamp is None:
+            raise StateError(f"trunk cache {self.storage.location(rel)} is missing; run the trunk step first")
         hit = self._trunks.get(name)
         if hit is None or hit[0] != stamp:
-            self._trunks[name] = (stamp, TrunkCache.load(path))
+            self._trunks[name] = (stamp, TrunkCache.load(self.storage, rel))
         return self._trunks[name][1]
 
     def slice_trunk(self, shard: int, slc: int) -> "TrunkCache":
         return self.trunk(_slice_file(shard, slc))
 
-    def slice_parquet(self, shard: int, slc: int) -> Path:
-        return self.root / "slices" / f"s{shard}-j{slc}.parquet"
-
     def materialize_slice(self, shard: int, slc: int) -> dict:
         """One slice's live members as Parquet (the pipeline's slice_data) plus its trunk cache."""
-        from s3t_ops.files import write_atomic
-
         self.build_trunk(slices=[(shard, slc)], eval_splits=False)
         members = self.ledger.members(shard, slc)
-        path = self.slice_parquet(shard, slc)
-        write_atomic(path, lambda tmp: members.to_parquet(tmp, index=False))
+        buf = io.BytesIO()
+        members.to_parquet(buf, index=False)
+        location = self.storage.write_bytes(slice_parquet(shard, slc), buf.getvalue())
         return {"shard": shard, "slice": slc, "version": slice_version(members["id"]), "n_live": len(members),
-                "path": str(path), "trunk_rows": len(self.slice_trunk(shard, slc)), "ids": set(members["id"])}
+                "path": location, "trunk_rows": len(self.slice_trunk(shard, slc)), "ids": set(members["id"])}
 
     # --- stages -----------------------------------------------------------------------------
     def stage_specs(self, versions: dict[tuple[int, int], str] | None = None) -> list[StageSpec]:
@@ -399,7 +406,6 @@ class S3T:
         """Train and record one stage. StaleStage before training when its data or parent changed since the
         spec was computed; None when that happened during training (the weights are discarded, nothing recorded)."""
         from s3t_ops.checkpoints import canonical_bytes
-        from s3t_ops.files import sha256_file, tmp_path, write_atomic
         from s3t_ops.stages import train_stage
         from s3t_ops.trunk import TrunkCache
 
@@ -422,7 +428,7 @@ class S3T:
             try:
                 parts.append(self.slice_trunk(spec.shard, j).subset(members["id"].tolist()))
             except (KeyError, StateError):  # cache missing or behind the ledger: rebuild this slice
-                self._trunk_path(_slice_file(spec.shard, j)).unlink(missing_ok=True)
+                self.storage.remove(trunk_file(_slice_file(spec.shard, j)))
                 self.build_trunk(slices=[(spec.shard, j)], eval_splits=False)
                 parts.append(self.slice_trunk(spec.shard, j).subset(members["id"].tolist()))
             ids += members["id"].tolist()
@@ -434,20 +440,19 @@ class S3T:
         started = now()
         result = train_stage(self.backbone, trunk, trunk.ids, torch.tensor(labels, dtype=torch.long), spec.stage, parents,
                              spec.seed, len(self.label_names), val=(val, self.labels(val.ids)), on_batch=on_batch)
-        final = self.store.path(spec.key)
-        tmp = tmp_path(final)
-        write_atomic(tmp, lambda t: t.write_bytes(canonical_bytes(result.state)))
+        data = canonical_bytes(result.state)
+        staged = self.store.stage(spec.key, data)
         row = dict(key=spec.key, shard=spec.shard, prefix="-".join(map(str, spec.prefix)), stage=spec.stage,
                    parent_key=spec.parent_key, slice=spec.slice, slice_version=spec.slice_version,
-                   prefix_versions=json.dumps(list(spec.prefix_versions)), sha256=sha256_file(tmp), n_train=len(trunk),
+                   prefix_versions=json.dumps(list(spec.prefix_versions)), sha256=hashlib.sha256(data).hexdigest(), n_train=len(trunk),
                    grad_example_steps=result.grad_example_steps, steps=result.steps, val_acc=result.val_acc,
                    seconds=result.seconds, started_at=started)
         cells = [(spec.shard, j, v) for j, v in zip(spec.prefix, spec.prefix_versions)]
         crash_point("before_checkpoint_record")
-        recorded = self.ledger.record_checkpoint(row, cells, place_file=lambda: os.replace(tmp, final))
+        recorded = self.ledger.record_checkpoint(row, cells, place_file=staged.place)
         self._forget_cache()
         if not recorded:
-            tmp.unlink(missing_ok=True)
+            staged.discard()
             return None
         row = {**row, "epoch_losses": result.epoch_losses, "epoch_accuracies": result.epoch_accuracies, "ended_at": now()}
         self.publisher.stage_trained(self, row)

@@ -3,7 +3,8 @@
 It works from the ledger's list of deleted-but-not-erased tombstones (`erased_at IS NULL`), never only
 from the ids of the current call, so a crash anywhere is finished by the next command that opens the
 state (repair). Each step can run again safely; the tombstones are marked erased only after all of them:
-1. cached trunk files: rows of deleted ids are rewritten away (atomic replace per file);
+1. cached trunk files: rows of deleted ids are rewritten away (atomic replace per file: a rename locally,
+   one put on an object store; s3t_ops/storage.py);
 2. slice Parquet files (the pipeline's slice_data): same;
 3. memorization artifacts (a model trained on the example, lists of ids);
 4. the registry: versions and runs whose lineage holds a deleted example, memorization runs
@@ -70,12 +71,13 @@ def _erase_pending(engine: "S3T") -> ErasureReport:
 def _erase_trunk(engine: "S3T", is_deleted) -> int:
     from s3t_ops.trunk import TrunkCache
 
+    storage = engine.storage
     n = 0
-    for path in sorted(engine.trunk_dir.glob("*.safetensors")):
-        ids = TrunkCache.read_ids(path)
+    for rel in storage.glob("trunk/*.safetensors"):
+        ids = TrunkCache.read_ids(storage, rel)
         gone = {i for i in ids if is_deleted(i)}
         if gone:
-            TrunkCache.load(path).without(gone).save(path)
+            TrunkCache.load(storage, rel).without(gone).save(storage, rel)
             n += 1
             if n == 1:
                 crash_point("during_trunk_erase")
@@ -83,17 +85,20 @@ def _erase_trunk(engine: "S3T", is_deleted) -> int:
 
 
 def _erase_slices(engine: "S3T", is_deleted) -> int:
+    import io
+
     import pandas as pd
 
-    from s3t_ops.files import write_atomic
-
+    storage = engine.storage
     n = 0
-    for path in sorted((engine.root / "slices").glob("*.parquet")):
-        frame = pd.read_parquet(path)
+    for rel in storage.glob("slices/*.parquet"):
+        with storage.open(rel) as f:
+            frame = pd.read_parquet(f)
         keep = ~frame["id"].map(is_deleted)
         if not keep.all():
-            kept = frame[keep].reset_index(drop=True)
-            write_atomic(path, lambda tmp, kept=kept: kept.to_parquet(tmp, index=False))
+            buf = io.BytesIO()
+            frame[keep].reset_index(drop=True).to_parquet(buf, index=False)
+            storage.write_bytes(rel, buf.getvalue())
             n += 1
             if n == 1:
                 crash_point("during_slice_erase")
@@ -101,7 +106,7 @@ def _erase_slices(engine: "S3T", is_deleted) -> int:
 
 
 def traces(engine: "S3T") -> dict[str, int]:
-    """Files of the data view (trunk caches, slice Parquet) that still hold a deleted example: path -> rows.
+    """Files of the data view (trunk caches, slice Parquet) that still hold a deleted example: location -> rows.
     Empty once erasure has run; the Dagster check `slice_data_holds_no_deleted_id` reports it."""
     import pandas as pd
 
@@ -109,13 +114,15 @@ def traces(engine: "S3T") -> dict[str, int]:
 
     deleted = engine.ledger.deleted()
     tomb = engine.ledger.keyring.tombstone
+    storage = engine.storage
     out = {}
-    for path in sorted(engine.trunk_dir.glob("*.safetensors")):
-        n = sum(tomb(i) in deleted for i in TrunkCache.read_ids(path))
+    for rel in storage.glob("trunk/*.safetensors"):
+        n = sum(tomb(i) in deleted for i in TrunkCache.read_ids(storage, rel))
         if n:
-            out[str(path)] = n
-    for path in sorted((engine.root / "slices").glob("*.parquet")):
-        n = int(pd.read_parquet(path, columns=["id"])["id"].map(lambda i: tomb(i) in deleted).sum())
+            out[storage.location(rel)] = n
+    for rel in storage.glob("slices/*.parquet"):
+        with storage.open(rel) as f:
+            n = int(pd.read_parquet(f, columns=["id"])["id"].map(lambda i: tomb(i) in deleted).sum())
         if n:
-            out[str(path)] = n
+            out[storage.location(rel)] = n
     return out

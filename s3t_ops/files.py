@@ -1,4 +1,4 @@
-"""Atomic file writes for everything in a state folder.
+"""Atomic file writes for everything in a state folder (and for the data files when they are local: s3t_ops/storage.py).
 
 A file is written under `<name>.tmp-<pid>`, flushed to disk, then renamed over its final name: after a
 crash either the old or the new content is in place, never half of it. Leftover temporaries are
@@ -6,7 +6,6 @@ removed by `remove_temporaries` when a state is opened (repair).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -46,14 +45,6 @@ def write_text(path: Path, text: str) -> Path:
 
 def write_json(path: Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _alive(pid: int) -> bool:

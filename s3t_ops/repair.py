@@ -2,8 +2,9 @@
 
 Every step is idempotent and driven by what is on disk and in the ledger, never by memory of the
 crashed process:
-- temporaries of dead writers (`*.tmp-<pid>`) and a stale ledger copy from compaction are removed;
-- checkpoint files without a ledger row (a crash between file and row) are orphans: deleted;
+- temporaries of dead writers (`*.tmp-<pid>`; local storage only: an object store has none) and a stale
+  ledger copy from compaction are removed;
+- checkpoint files (or objects) without a ledger row (a crash between file and row) are orphans: deleted;
 - live rows whose file is missing or damaged (sha256 mismatch) are purged: the stage is missing and
   retrains; it is never served;
 - checkpoints made stale by a deletion but not yet purged are purged;
@@ -29,9 +30,11 @@ def repair(engine: "S3T") -> "RepairReport":
 
     report = RepairReport()
     say = report.actions.append
-    for sub in ("checkpoints", "trunk", "slices", "memorization"):
-        for p in remove_temporaries(engine.root / sub):
+    for sub in ("checkpoints", "trunk", "slices"):
+        for p in engine.storage.remove_temporaries(sub):
             say(f"removed temporary file {p}")
+    for p in remove_temporaries(engine.root / "memorization"):
+        say(f"removed temporary file {p}")
     for p in engine.ledger.remove_compaction_leftovers():
         say(f"removed unfinished ledger copy {p}")
 
@@ -40,15 +43,15 @@ def repair(engine: "S3T") -> "RepairReport":
         on_disk = engine.store.keys_on_disk()
         for key in sorted(on_disk - set(rows)):
             engine.store.delete(key)
-            say(f"deleted orphan checkpoint file {engine.store.path(key)} (no ledger row: a crash between file and row)")
+            say(f"deleted orphan checkpoint file {engine.store.location(key)} (no ledger row: a crash between file and row)")
         missing = [k for k in rows if not engine.store.exists(k)]
         damaged = [k for k in rows if engine.store.exists(k) and not engine.store.intact(k, rows[k]["sha256"])]
         for k in damaged:
-            say(f"checkpoint file {engine.store.path(k)} is damaged (sha256 differs from the ledger's): removed; "
+            say(f"checkpoint file {engine.store.location(k)} is damaged (sha256 differs from the ledger's): removed; "
                 f"stage {rows[k]['stage']} of shard {rows[k]['shard']} will retrain and is not served")
             engine.store.delete(k)
         for k in missing:
-            say(f"checkpoint file {engine.store.path(k)} is missing: stage {rows[k]['stage']} of shard {rows[k]['shard']} will retrain")
+            say(f"checkpoint file {engine.store.location(k)} is missing: stage {rows[k]['stage']} of shard {rows[k]['shard']} will retrain")
         engine.ledger.mark_purged(missing, "file missing")
         engine.ledger.mark_purged(damaged, "file damaged")
         engine._forget_cache()

@@ -2,7 +2,8 @@
 
 While the groups below stage k are untrained they are the identity, so the input of group k is the
 frozen backbone's hidden state: one pass per example serves every stage, sequence and shard.
-Erasing an example rewrites the cache without its rows (physical removal, not a flag).
+Erasing an example rewrites the cache without its rows (physical removal, not a flag). Files live in the
+state's `Storage` (s3t_ops/storage.py): a local folder, or an object store.
 
 Storage is kept small (it grows with the data: bytes per example are reported by `bytes_per_example`):
 - a boundary at block 0 is the embedding layer's output, a per-token lookup: the cache keeps the token
@@ -14,16 +15,17 @@ Storage is kept small (it grows with the data: bytes per example are reported by
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from s3t_ops.backbone import Backbone
-from s3t_ops.files import write_atomic
+from s3t_ops.storage import Storage
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -90,27 +92,42 @@ class TrunkCache:
         tensors = [self.mask, *self.hidden.values(), *([self.input_ids] if self.input_ids is not None else [])]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def save(self, path: Path) -> None:
-        """Atomic: a crash leaves the previous cache intact."""
+    def to_bytes(self) -> bytes:
+        """One safetensors file (the ids in its metadata): what `save` writes."""
         tensors = {"mask": self.mask.contiguous(), **{f"h{b}": h.contiguous() for b, h in self.hidden.items()}}
         if self.input_ids is not None:
             tensors["input_ids"] = self.input_ids.contiguous()
-        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids)}))
+        return save_bytes(tensors, metadata={"ids": json.dumps(self.ids)})
+
+    def save(self, storage: Storage, rel: str) -> None:
+        """Atomic: a crash leaves the previous cache intact."""
+        storage.write_bytes(rel, self.to_bytes())
 
     @staticmethod
-    def read_ids(path: Path) -> list[str]:
+    def read_ids(storage: Storage, rel: str) -> list[str]:
         """The ids of a cache file from its header alone (erasure scans every file this way)."""
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["ids"])
+        return _header_ids(lambda start, end: storage.read_range(rel, start, end))
 
     @classmethod
-    def load(cls, path: Path) -> "TrunkCache":
-        with safe_open(str(path), framework="pt") as f:
-            ids = json.loads(f.metadata()["ids"])
-            mask = f.get_tensor("mask")
-            hidden = {int(k[1:]): f.get_tensor(k) for k in f.keys() if k.startswith("h")}
-            input_ids = f.get_tensor("input_ids") if "input_ids" in f.keys() else None
-        return cls(ids, mask, hidden, input_ids)
+    def load(cls, storage: Storage, rel: str) -> "TrunkCache":
+        """A local file is mapped (tensors read one by one); an object is read whole."""
+        if storage.local:
+            with safe_open(str(storage.local_path(rel)), framework="pt") as f:
+                return cls._from(json.loads(f.metadata()["ids"]), {k: f.get_tensor(k) for k in f.keys()})
+        data = storage.read_bytes(rel)
+        return cls._from(_header_ids(lambda start, end: data[start:end]), load_bytes(data))
+
+    @classmethod
+    def _from(cls, ids: list[str], tensors: dict[str, torch.Tensor]) -> "TrunkCache":
+        hidden = {int(k[1:]): t for k, t in tensors.items() if k.startswith("h")}
+        return cls(ids, tensors["mask"], hidden, tensors.get("input_ids"))
+
+
+def _header_ids(read: Callable[[int, int], bytes]) -> list[str]:
+    """The ids in a safetensors header (`read(start, end)` gives those bytes): a little-endian u64 length, then
+    the JSON header whose `__metadata__` holds them. Read this way, an object store is asked for the header only."""
+    (size,) = struct.unpack("<Q", read(0, 8))
+    return json.loads(json.loads(read(8, 8 + size))["__metadata__"]["ids"])
 
 
 def bytes_per_example(cache: TrunkCache) -> float:

@@ -110,7 +110,7 @@ def _retrain(eng: S3T, step: Step) -> None:
     step.audit_after_train = eng.audit()
     step.states = {key: eng.load_checkpoint(key) for key in step.after_train.specs.values()}
     step.live = eng.ledger.examples()
-    step.trunks = {p.name: TrunkCache.load(p) for p in eng.trunk_dir.glob("*.safetensors")}
+    step.trunks = {rel.rsplit("/", 1)[-1]: TrunkCache.load(eng.storage, rel) for rel in eng.storage.glob("trunk/*.safetensors")}
 
 
 def _scratch(backbone_dir: Path, root: Path, name: str, raw: pd.DataFrame, gone_texts: list[str]) -> S3T:
@@ -246,11 +246,11 @@ def test_audit_catches_a_plan_that_serves_a_deleted_example(scenario):
 def test_deleted_examples_are_physically_erased(scenario, n):
     step = scenario["steps"][n]
     eng = scenario["engine"]
-    trunk_files = sorted(eng.trunk_dir.glob("*"))
-    assert len(trunk_files) == M * L + 2 and all(p.suffix == ".safetensors" for p in trunk_files)
+    trunk_files = eng.storage.glob("trunk/*")
+    assert len(trunk_files) == M * L + 2 and all(rel.endswith(".safetensors") for rel in trunk_files)
     cached: set[str] = set()
-    for p in trunk_files:
-        cached |= set(TrunkCache.load(p).ids)
+    for rel in trunk_files:
+        cached |= set(TrunkCache.load(eng.storage, rel).ids)
     live = set(eng.ledger.examples()["id"])
     assert cached == live
     assert not (set(step.ids) & cached)
@@ -321,7 +321,7 @@ def test_retrained_stages_equal_training_from_scratch_bitwise(scenario, n):
     names = [f"train-s{s}-j{j}.safetensors" for s in range(M) for j in range(L)] + ["val.safetensors", "test.safetensors"]
     assert sorted(step.trunks) == sorted(names)
     for name in names:
-        a, b = step.trunks[name], TrunkCache.load(scratch.trunk_dir / name)
+        a, b = step.trunks[name], TrunkCache.load(scratch.storage, f"trunk/{name}")
         assert a.ids == b.ids and torch.equal(a.mask, b.mask)
         assert (a.input_ids is None and b.input_ids is None) or torch.equal(a.input_ids, b.input_ids)
         assert a.hidden.keys() == b.hidden.keys() and all(torch.equal(a.hidden[k], b.hidden[k]) for k in b.hidden), name

@@ -69,7 +69,7 @@ def test_traces_finds_rows_that_erasure_has_not_removed_yet(tmp_path, tiny_backb
     victim = engine.ledger.members(0, 0)["id"].iloc[0]
     engine.ledger.honour([victim], engine._plan_in)  # honoured, not yet erased (as after a crash)
     found = traces(engine)
-    assert set(found) == {str(engine.trunk_dir / "train-s0-j0.safetensors"), str(engine.slice_parquet(0, 0))}
+    assert set(found) == {str(engine.root / "trunk" / "train-s0-j0.safetensors"), str(engine.root / "slices" / "s0-j0.parquet")}
     assert all(n == 1 for n in found.values())
     erase_pending(engine)
     assert traces(engine) == {} and engine.ledger.pending_erasure() == set()

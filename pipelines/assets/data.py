@@ -62,7 +62,7 @@ def build_data_assets(parts: S3TPartitions) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(
             data_version=dg.DataVersion(single["slice_version"]) if single else None,
             metadata={"partitions": dg.MetadataValue.json(done), "n_live": sum(d["n_live"] for d in done.values()),
-                      "slices_dir": dg.MetadataValue.path(str(engine.root / "slices")), "engine_seconds": time.perf_counter() - t0},
+                      "slices_dir": dg.MetadataValue.path(engine.storage.location("slices")), "engine_seconds": time.perf_counter() - t0},
         )
 
     return [examples, slice_data]

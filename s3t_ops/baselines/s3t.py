@@ -41,9 +41,12 @@ class S3TSystem(UnlearningSystem):
 
     def clone(self, state_dir: str | Path, retrain_every: int | None = None, name: str | None = None) -> "S3TSystem":
         """A second S3T on a copy of this state folder (same ledger contents, checkpoints and trunk; same backbone)."""
-        from s3t_ops.engine import S3T
+        from s3t_ops.engine import S3T, StateError
 
         dst = Path(state_dir)
+        if self.engine.cfg.storage_url is not None:
+            raise StateError(f"{self.engine.root} keeps its files in {self.engine.cfg.storage_url}: a copy of the folder "
+                             "would share them; clone a state stored in its folder")
         if dst.exists():
             raise FileExistsError(f"{dst} already exists")
         shutil.copytree(self.engine.root, dst)
