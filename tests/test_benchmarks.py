@@ -114,3 +114,16 @@ def test_stage_ablation_and_honour_latency_quick(tmp_path, toy_source, tiny_back
     lat = honour_latency.main(["--out", str(tmp_path), "--quick", "--quiet", "--backbone", str(tiny_backbone_dir)])
     assert lat["summary"]["cli"]["n"] == 2 and all(r["champion_moved_s"] > 0 for r in lat["cli"])
     assert lat["bulk"]["deletions_in_one_transaction"] == lat["bulk"]["bulk_ids"] == 50
+
+
+def test_trunk_size_quick_compares_layouts(tmp_path, tiny_backbone_dir):
+    from benchmarks import trunk_size
+
+    r = trunk_size.main(["--out", str(tmp_path), "--quick", "--quiet", "--backbone", str(tiny_backbone_dir)])
+    rows = r["layouts"]
+    assert rows["float32"]["block0_recomputed_equal"] is True
+    # block 0 kept as token ids: one boundary fewer than the legacy layout; float16 halves the others
+    assert rows["float32"]["bytes_per_example"] < rows["legacy"]["bytes_per_example"]
+    assert rows["float16"]["bytes_per_example"] < 0.6 * rows["float32"]["bytes_per_example"]
+    assert 0 < rows["float16"]["max_abs_error"] < 0.01 * rows["float16"]["max_abs_value"]
+    assert (tmp_path / "trunk_size.png").stat().st_size > 5_000
