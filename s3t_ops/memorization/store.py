@@ -28,7 +28,8 @@ Parquet and matplotlib write files), then committed whole, in the way the storag
   is no version of anything). Removing an artifact, to erase it or before rewriting it, deletes the marker
   first and `ids.json` last, so every object left by a crash midway is still named by its ids and still
   incomplete. A rewrite removes the old version, then puts the new one: a reader in between finds none (the
-  original model is then retrained, a later asset asks for its upstream one).
+  original model is then retrained, a later asset asks for its upstream one). A process killed mid-write
+  leaves its temporary folder on the local disk, outside the state, where `erase` does not look.
 
 MLflow runs logged for an artifact carry the tag `ARTIFACT_TAG` = its name, its folder relative to
 `memorization/` (`runs/<stamp>-<method>`, `report`): runs whose artifact is not `complete` are to be
