@@ -142,11 +142,12 @@ def _unlearn_parser(sub) -> None:
         "unlearn", help="APPROXIMATE unlearning (RUM and baselines) of a monolithic model on the state's data, scored against a retrained oracle",
         description="APPROXIMATE unlearning, for models not trained with S3T: a monolithic model (the frozen backbone, LoRA on "
                     "the top --depth group(s), a head) is trained on the state's live training data (cached under "
-                    "<state>/memorization/), then the forget set is unlearned by --method and scored against an oracle "
-                    "retrained without it (accuracy on forget/retain/test, SVC-MIA, ToW, ToW-MIA). No guarantee holds: "
+                    "memorization/ in the state's storage: the state folder or its --storage-url), then the forget set "
+                    "is unlearned by --method and scored against an oracle retrained without it (accuracy on "
+                    "forget/retain/test, SVC-MIA, ToW, ToW-MIA). No guarantee holds: "
                     "the weights may still carry information about the forgotten examples. The S3T state (ledger, "
                     "checkpoints, served model) is NOT changed; `s3t forget` is the exact path. Writes "
-                    "<state>/memorization/runs/<stamp>-<method>/report.json (+ report.png, the unlearned model) and "
+                    "memorization/runs/<stamp>-<method>/report.json (+ report.png, the unlearned model) and "
                     "logs one MLflow run per variant and seed.")
     _state_arg(p)
     p.add_argument("--method", default="rum", choices=UNLEARN_METHODS,

@@ -6,7 +6,8 @@ state (repair). Each step can run again safely; the tombstones are marked erased
 1. cached trunk files: rows of deleted ids are rewritten away (atomic replace per file: a rename locally,
    one put on an object store; s3t_ops/storage.py);
 2. slice Parquet files (the pipeline's slice_data): same;
-3. memorization artifacts (a model trained on the example, lists of ids);
+3. memorization artifacts (a model trained on the example, lists of ids), in the same storage: a folder
+   renamed out and deleted locally, an artifact's objects marker first on an object store;
 4. the registry: versions and runs whose lineage holds a deleted example, memorization runs
    (hard delete); skipped, and the tombstones left pending, while the latest plan is unpublished;
 5. the ledger file itself: compacted into a fresh copy (DuckDB leaves deleted text in freed blocks).
@@ -53,7 +54,7 @@ def _erase_pending(engine: "S3T") -> ErasureReport:
     report.slice_files = _erase_slices(engine, is_deleted)
     from s3t_ops.memorization import store
 
-    report.memorization = [str(p) for p in store.erase(engine.root, is_deleted).paths]
+    report.memorization = store.erase(engine.storage, is_deleted).paths
     latest = engine.served()
     unpublished = latest is not None and engine.ledger.publication(latest[0])[0] is None
     if engine.publisher.registers and unpublished:

@@ -333,14 +333,16 @@ class Tracker:
         return out
 
     def _purge_memorization_runs(self, engine) -> list[str]:
-        """Runs tagged with a memorization artifact folder that erasure removed."""
+        """Runs tagged with a memorization artifact that erasure removed (or that was never completed)."""
         from mlflow.entities import ViewType
+
+        from s3t_ops.memorization import store
 
         out = []
         exps = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ALL)]
         for run in self.client.search_runs(exps, filter_string="tags.`s3t.memorization_artifact` != ''", run_view_type=ViewType.ALL):
-            folder = run.data.tags.get("s3t.memorization_artifact")
-            if folder and not (Path(engine.root) / "memorization" / folder).exists():
+            artifact = run.data.tags.get(store.ARTIFACT_TAG)
+            if artifact and not store.complete(engine.storage, artifact):
                 self.hard_delete_run(run.info.run_id)
                 out.append(run.info.run_id)
         return out

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from s3t_ops.files import remove_temporaries
-
 if TYPE_CHECKING:
     from s3t_ops.engine import RepairReport, S3T
 
@@ -30,11 +28,9 @@ def repair(engine: "S3T") -> "RepairReport":
 
     report = RepairReport()
     say = report.actions.append
-    for sub in ("checkpoints", "trunk", "slices"):
+    for sub in ("checkpoints", "trunk", "slices", "memorization"):
         for p in engine.storage.remove_temporaries(sub):
             say(f"removed temporary file {p}")
-    for p in remove_temporaries(engine.root / "memorization"):
-        say(f"removed temporary file {p}")
     for p in engine.ledger.remove_compaction_leftovers():
         say(f"removed unfinished ledger copy {p}")
 

@@ -1,6 +1,7 @@
 """Where a state's data files live: a local folder by default, any fsspec filesystem by configuration.
 
-The trunk cache, the slice Parquet files and the stage checkpoints are read and written through one
+The trunk cache, the slice Parquet files, the stage checkpoints and the memorization artifacts
+(s3t_ops/memorization/store.py, with its own commit protocol) are read and written through one
 `Storage`: a root URL (a plain path, `file://...`, `s3://bucket/prefix`, `gs://...`, `memory://...`)
 and paths relative to it (`checkpoints/ab/<key>.safetensors`). The ledger, its lock, `secret.key` and
 `config.json` are not data files: they stay in the local state folder (docs/scaling.md, "Storage").
@@ -26,7 +27,7 @@ from typing import IO
 from s3t_ops.files import remove_temporaries, tmp_path, write_bytes
 
 LOCAL_PROTOCOLS = ("file", "local")
-DATA_PREFIXES = ("trunk", "slices", "checkpoints")
+DATA_PREFIXES = ("trunk", "slices", "checkpoints", "memorization")
 
 
 class StorageError(RuntimeError):
@@ -137,6 +138,14 @@ class Storage:
             return sorted(p.relative_to(self._local_root).as_posix() for p in self._local_root.glob(pattern) if p.is_file())
         prefix = self.root + "/"
         return sorted(p[len(prefix):] for p in self.fs.glob(self._full(pattern)) if p.startswith(prefix))
+
+    def files(self, prefix: str) -> list[str]:
+        """Relative paths of every file under the folder `prefix`, at any depth, sorted ([]: none)."""
+        if self.local:
+            base = self._local_root / prefix
+            return sorted(p.relative_to(self._local_root).as_posix() for p in base.rglob("*") if p.is_file())
+        root = self.root + "/"
+        return sorted(p[len(root):] for p in self.fs.find(self._full(prefix)) if p.startswith(root))
 
     # --- writing --------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> str:

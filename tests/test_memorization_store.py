@@ -10,27 +10,33 @@ import pytest
 import torch
 
 from s3t_ops.memorization import store
+from s3t_ops.storage import Storage
 from tests.conftest import toy_frame
+
+
+def _root(state: Path) -> Path:
+    return state / store.PREFIX
 
 
 def _artifacts(state: Path) -> set[str]:
     """Artifact folders by their MLflow tag value: `original-*`, `scores`, ..., `runs/<name>`."""
-    base = store.root(state)
+    base = _root(state)
     runs = {f"runs/{p.name}" for p in (base / "runs").iterdir()} if (base / "runs").is_dir() else set()
     return {p.name for p in base.iterdir() if p.is_dir() and p.name != "runs"} | runs
 
 
 def test_writer_commits_whole_versions_and_leaves_nothing_on_failure(tmp_path):
-    folder = store.root(tmp_path) / store.REPORT
-    with store.writer(folder, ["b", "a", "a"]) as w:
+    storage = Storage(tmp_path)
+    folder = _root(tmp_path) / store.REPORT
+    with store.writer(storage, store.REPORT, ["b", "a", "a"]) as w:
         (w.stage / "old.txt").write_text("v1")
         assert not folder.exists()  # readers see nothing until the version is complete
     assert json.loads((folder / store.IDS).read_text()) == ["a", "b"]
-    with store.writer(folder, ["c"]) as w:
+    with store.writer(storage, store.REPORT, ["c"]) as w:
         (w.stage / "new.txt").write_text("v2")
     assert sorted(p.name for p in folder.iterdir()) == [store.IDS, "new.txt"]  # the old version is gone whole
     with pytest.raises(RuntimeError):
-        with store.writer(folder, ["d"]) as w:
+        with store.writer(storage, store.REPORT, ["d"]) as w:
             (w.stage / "half.txt").write_text("x")
             raise RuntimeError("crash")
     assert sorted(p.name for p in folder.iterdir()) == [store.IDS, "new.txt"]
@@ -38,7 +44,7 @@ def test_writer_commits_whole_versions_and_leaves_nothing_on_failure(tmp_path):
 
 
 def test_erase_judges_stages_and_unknown_folders_by_their_ids(tmp_path):
-    base = store.root(tmp_path)
+    base = _root(tmp_path)
     stage = base / ".writing-scores-0123abcd"  # a write cut short after naming its ids
     stage.mkdir(parents=True)
     (stage / store.IDS).write_text(json.dumps(["x1", "x2"]))
@@ -47,11 +53,11 @@ def test_erase_judges_stages_and_unknown_folders_by_their_ids(tmp_path):
     clean = base / "runs" / "20250101T000000Z-abcdef-rum"
     clean.mkdir(parents=True)
     (clean / store.IDS).write_text(json.dumps(["y"]))
-    erased = store.erase(tmp_path, lambda i: i == "x2")
-    assert erased.paths == [stage, unknown] and erased.mlflow_tags == ["scores", "original-000000000000"]
+    erased = store.erase(Storage(tmp_path), lambda i: i == "x2")
+    assert erased.paths == [str(stage), str(unknown)] and erased.mlflow_tags == ["scores", "original-000000000000"]
     assert clean.is_dir() and not stage.exists() and not unknown.exists()
-    assert store.erase(tmp_path, lambda i: i == "x2").paths == []
-    assert store.erase(tmp_path / "nothing-here", lambda i: True).paths == []
+    assert store.erase(Storage(tmp_path), lambda i: i == "x2").paths == []
+    assert store.erase(Storage(tmp_path / "nothing-here"), lambda i: True).paths == []
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +91,7 @@ def doors(tmp_path_factory, tiny_backbone_dir):
         train = set(engine.ledger.examples("train")["id"])
         val, test = (set(engine.ledger.examples(s)["id"]) for s in ("val", "test"))
         backup = root / "backup"
-        shutil.copytree(store.root(state), backup)
+        shutil.copytree(_root(state), backup)
         yield {"state": state, "uri": uri, "cli": cli, "report": report, "train": train, "val": val, "test": test, "backup": backup}
     finally:
         torch.set_num_threads(threads)
@@ -94,8 +100,8 @@ def doors(tmp_path_factory, tiny_backbone_dir):
 @pytest.fixture
 def state(doors):
     """The state's memorization folder as the doors left it (restored for every test)."""
-    shutil.rmtree(store.root(doors["state"]), ignore_errors=True)
-    shutil.copytree(doors["backup"], store.root(doors["state"]))
+    shutil.rmtree(_root(doors["state"]), ignore_errors=True)
+    shutil.copytree(doors["backup"], _root(doors["state"]))
     return doors["state"]
 
 
@@ -107,7 +113,7 @@ def test_every_artifact_names_its_ids_and_every_run_its_artifact(doors, state):
     assert _artifacts(state) == originals | {"scores", "unlearned", "report", run} and len(originals) == 1
 
     def ids(name: str) -> set[str]:
-        return set(json.loads((store.root(state) / name / store.IDS).read_text()))
+        return set(json.loads((_root(state) / name / store.IDS).read_text()))
 
     train, test = doors["train"], doors["test"]
     assert ids(originals.pop()) == train and ids("scores") == train  # no holdout proxy: validation unread
@@ -119,39 +125,39 @@ def test_every_artifact_names_its_ids_and_every_run_its_artifact(doors, state):
 
 def test_erase_of_a_training_example_removes_every_artifact_and_names_their_runs(doors, state):
     victim = doors["cli"]["forget_ids"][0]  # in the original model's training data, and the run's forget set
-    erased = store.erase(state, lambda i: i == victim)
+    erased = store.erase(Storage(state), lambda i: i == victim)
     run = f"runs/{Path(doors['cli']['json']).parent.name}"
-    assert _artifacts(state) == set() and not any(store.root(state).rglob("*.*"))  # no model, no list of ids is left
-    assert {p.name for p in erased.paths} == {p.split("/")[-1] for p in erased.mlflow_tags}
+    assert _artifacts(state) == set() and not any(_root(state).rglob("*.*"))  # no model, no list of ids is left
+    assert {Path(p).name for p in erased.paths} == {p.split("/")[-1] for p in erased.mlflow_tags}
     assert {"scores", "unlearned", "report", run} <= set(erased.mlflow_tags) and len(erased.mlflow_tags) == 5
-    assert store.erase(state, lambda i: i == victim) == store.Erased()  # a second call is a no-op
+    assert store.erase(Storage(state), lambda i: i == victim) == store.Erased()  # a second call is a no-op
 
 
 def test_erase_removes_nothing_for_an_id_no_artifact_used(doors, state):
-    before = sorted(p.relative_to(state) for p in store.root(state).rglob("*"))
+    before = sorted(p.relative_to(state) for p in _root(state).rglob("*"))
     val = sorted(doors["val"])[0]  # validation: read only by the holdout proxy, which no artifact here computed
     for unused in ("not-an-example", val):
-        assert store.erase(state, lambda i, u=unused: i == u) == store.Erased()
-    assert sorted(p.relative_to(state) for p in store.root(state).rglob("*")) == before
+        assert store.erase(Storage(state), lambda i, u=unused: i == u) == store.Erased()
+    assert sorted(p.relative_to(state) for p in _root(state).rglob("*")) == before
 
 
 def test_erase_of_a_test_example_keeps_the_models_that_never_read_it(doors, state):
     victim = sorted(doors["test"])[0]
-    erased = store.erase(state, lambda i: i == victim)
+    erased = store.erase(Storage(state), lambda i: i == victim)
     run = f"runs/{Path(doors['cli']['json']).parent.name}"
     assert sorted(erased.mlflow_tags) == sorted(["report", run, "unlearned"])
     assert {a for a in _artifacts(state) if not a.startswith("original-")} == {"scores"}
 
 
 def test_erase_finishes_what_a_crash_left(doors, state):
-    base = store.root(state)
+    base = _root(state)
     run = Path(doors["cli"]["json"]).parent
     (base / "report").rename(base / ".erasing-report")  # a crash right after the rename
     run.rename(run.with_name(".erasing-" + run.name))
     (run.with_name(".erasing-" + run.name) / "model.safetensors").unlink()  # ... and midway through the removal
     (base / "scores").rename(base / ".replaced-scores")  # an interrupted rewrite of the scores
-    erased = store.erase(state, lambda i: False)
+    erased = store.erase(Storage(state), lambda i: False)
     assert sorted(erased.mlflow_tags) == sorted(["report", f"runs/{run.name}"])  # named again: the runs may still exist
-    assert sorted(p.name for p in erased.paths) == sorted([".erasing-report", ".replaced-scores", f".erasing-{run.name}"])
+    assert sorted(Path(p).name for p in erased.paths) == sorted([".erasing-report", ".replaced-scores", f".erasing-{run.name}"])
     assert not any(p.name.startswith(".") for p in base.rglob("*"))
-    assert {"unlearned"} <= _artifacts(state) and store.erase(state, lambda i: False) == store.Erased()
+    assert {"unlearned"} <= _artifacts(state) and store.erase(Storage(state), lambda i: False) == store.Erased()

@@ -3,7 +3,7 @@ model (RUM and baselines), and its report against a retrained oracle. Never auto
 asset trains models, so it runs only when asked (Launchpad config below).
 
 Each asset is one step of the path `s3t unlearn` takes too (s3t_ops/memorization/service.py); what
-they leave in the state folder, and its erasure after deletions, is s3t_ops/memorization/store.py's."""
+they leave in the state's storage (memorization/), and its erasure after deletions, is s3t_ops/memorization/store.py's."""
 
 import time
 

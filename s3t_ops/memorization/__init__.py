@@ -12,6 +12,7 @@ metrics.py  accuracy on forget / retain / test, SVC-MIA, ToW, ToW-MIA
 workflow.py the computation, free of files: original model, score table, variants scored against the oracle
 service.py  the one path both doors take (`s3t unlearn`, the Dagster memorization assets), MLflow runs
 report.py   how a result reads: the printed table and the ToW figure
-store.py    every file under <state>/memorization/ (layout, ids of each artifact) and its erasure (`erase`)
+store.py    every file under memorization/ in the state's storage (layout, ids of each artifact, how an
+            artifact is committed) and its erasure (`erase`)
 This package never imports dagster.
 """

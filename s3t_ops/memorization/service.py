@@ -50,7 +50,7 @@ def log_runs(tracker: "Tracker", report: dict[str, Any], seed: int, group: str, 
              tags: dict[str, str] | None = None) -> dict[str, str]:
     """One MLflow run per variant of one report (`UnlearningReport.to_dict()`); returns variant -> run id.
 
-    artifact: the folder the report is written to (`store.Writer.name`), tagged `store.ARTIFACT_TAG` so
+    artifact: the artifact the report is written to (`store.Writer.name`), tagged `store.ARTIFACT_TAG` so
     that erasing it finds these runs."""
     out = {}
     for variant, row in report["variants"].items():
@@ -82,22 +82,21 @@ class Prepared:
     splits: wf.Splits
     clf: MonolithicClassifier
     original: wf.OriginalModel
-    folder: Path  # where the original model is cached
+    folder: str  # where the original model is cached (a local folder or a URL: the state's storage)
     cached: bool  # loaded from there, not trained by this call
 
 
-def prepare(state_dir: str | Path, engine: "S3T", mcfg: MemorizationConfig, splits: wf.Splits | None = None,
-            retrain: bool = False) -> Prepared:
+def prepare(engine: "S3T", mcfg: MemorizationConfig, splits: wf.Splits | None = None, retrain: bool = False) -> Prepared:
     """The original model of `mcfg` on the live training set: from the store's cache, or trained and cached
     (retrain=True: always trained)."""
     splits = splits or wf.splits_from_engine(engine)
     clf = wf.classifier_for(engine.backbone, len(splits.label_names), mcfg)
-    original = None if retrain else store.load_original(state_dir, splits.train.ids, mcfg)
+    original = None if retrain else store.load_original(engine.storage, splits.train.ids, mcfg)
     cached = original is not None
     if original is None:
         original = wf.train_original(clf, splits, mcfg)
-        store.save_original(state_dir, splits.train.ids, mcfg, original)
-    return Prepared(splits, clf, original, store.original_folder(state_dir, splits.train.ids, mcfg), cached)
+        store.save_original(engine.storage, splits.train.ids, mcfg, original)
+    return Prepared(splits, clf, original, store.location(engine.storage, store.original_name(splits.train.ids, mcfg)), cached)
 
 
 def unlearn_state(
@@ -134,7 +133,7 @@ def unlearn_state(
     forget = (wf.check_forget_ids(splits, forget_ids) if forget_ids is not None
               else wf.select_forget_set(splits.train.ids, n_forget, mcfg.seed))
     note("original")
-    prep = prepare(state_dir, engine, mcfg, splits, retrain)
+    prep = prepare(engine, mcfg, splits, retrain)
     note("scores")
     inv = None
     if inventory or mcfg.proxy == "inventory":
@@ -162,7 +161,7 @@ def unlearn_command(
 ) -> dict[str, Any]:
     """Approximate unlearning on an S3T state over `seeds` seeds (mcfg.seed, +1, ...), the forget set fixed.
 
-    Writes `<state>/memorization/runs/<stamp>-<method>/` (report.json, report.png with an oracle, the
+    Writes the store's `runs/<stamp>-<method>` artifact (report.json, report.png with an oracle, the
     requested method's model of the first seed) and logs one MLflow run per variant and seed.
     progress(total_phases, phase) is called as each phase starts ("seed 1/3: oracle", ...).
     Returns the JSON-safe result (also in report.json).
@@ -189,7 +188,7 @@ def unlearn_command(
     group = stamp()
     tracker = tracker_for(state_dir, tracking_uri) if mlflow else None
     reports, run_ids, model_path = [], {}, None
-    with store.writer(store.run_folder(state_dir, group, method),
+    with store.writer(engine.storage, store.run_name(group, method),
                       wf.data_ids(splits, val=proxy == "holdout_retraining", test=True)) as run:
         for k in range(seeds):
             mcfg_k = base.replace(seed=base.seed + k)
@@ -204,14 +203,14 @@ def unlearn_command(
             reports.append(wf.labelled(rep.to_dict(), method))
             if tracker is not None:
                 run_ids[mcfg_k.seed] = log_runs(tracker, rep.to_dict(), mcfg_k.seed, group, method, run.name,
-                                                tags={"s3t.source": "cli", "s3t.report": str(run.report_json)})
+                                                tags={"s3t.source": "cli", "s3t.report": run.report_json})
         summary = metrics.summarize([r["variants"] for r in reports])
         result = {
             "approximate": True, "note": APPROXIMATE_NOTE, "id": group, "state": str(state_dir), "method": method, "proxy": proxy,
             "primary": wf.label(primary, method), "variants": [wf.label(v, method) for v in variants], "controls": controls,
             "seeds": [base.seed + k for k in range(seeds)], "n_forget": len(forget), "n_train": len(splits.train),
             "forget_ids": forget, "config": base.to_dict(), "summary": summary, "runs": reports,
-            "json": None, "png": None, "model": str(model_path),
+            "json": None, "png": None, "model": model_path,
             "mlflow": {"tracking_uri": tracker.uri, "experiment": EXPERIMENT, "runs": sum(len(v) for v in run_ids.values()),
                        "run_ids": {str(k): v for k, v in run_ids.items()}} if tracker is not None else None,
             "seconds": time.perf_counter() - t0,
@@ -231,8 +230,7 @@ def materialize_scores(engine: "S3T", mcfg: MemorizationConfig, holdout: bool = 
     stage checkpoints already did and did not see each example) and optionally the subsampled true
     score. Saved as the store's `scores` artifact, with timings and Spearman agreement."""
     log = log or (lambda msg: None)
-    state_dir = engine.cfg.state_dir
-    prep = prepare(state_dir, engine, mcfg)
+    prep = prepare(engine, mcfg)
     seconds = {"original": 0.0 if prep.cached else prep.original.training.seconds}
     log(f"original model {'loaded from' if prep.cached else 'trained into'} {prep.folder}")
     inv = None
@@ -243,11 +241,11 @@ def materialize_scores(engine: "S3T", mcfg: MemorizationConfig, holdout: bool = 
     table = wf.memorization_scores(prep.clf, prep.splits, prep.original, mcfg, holdout=holdout, subsampled=subsampled,
                                    inventory=inv, seconds=seconds)
     agreement = {truth: wf.proxy_agreement(table, truth) for truth in ("memorization", "inventory") if truth in table.columns}
-    meta = {"config": mcfg.to_dict(), "original": str(prep.folder), "n_train": len(table),
+    meta = {"config": mcfg.to_dict(), "original": prep.folder, "n_train": len(table),
             "train_ids_sha256": wf.ids_digest(prep.splits.train.ids), "seconds": seconds, "spearman": agreement,
             "columns": list(table.columns), "unscored": {c: int(table[c].isna().sum()) for c in table.columns}}
-    path = store.save_scores(state_dir, table, meta, wf.data_ids(prep.splits, val=holdout))
-    return {**meta, "path": str(path)}
+    path = store.save_scores(engine.storage, table, meta, wf.data_ids(prep.splits, val=holdout))
+    return {**meta, "path": path}
 
 
 @dataclass
@@ -262,13 +260,13 @@ class Scored:
 
 def scored(engine: "S3T") -> Scored:
     """The `scores` artifact, checked against the state's current live training data."""
-    table, meta, ids = store.load_scores(engine.cfg.state_dir)
+    table, meta, ids = store.load_scores(engine.storage)
     splits = wf.splits_from_engine(engine)
     if wf.ids_digest(splits.train.ids) != meta["train_ids_sha256"]:
         raise RuntimeError("the live training data changed since memorization_scores was materialized (deletions?); "
                            "materialize memorization_scores again")
     mcfg = MemorizationConfig.from_dict(meta["config"])
-    return Scored(mcfg, table, ids, prepare(engine.cfg.state_dir, engine, mcfg, splits))
+    return Scored(mcfg, table, ids, prepare(engine, mcfg, splits))
 
 
 def materialize_unlearned(engine: "S3T", method: str = "rum", proxy: str = "confidence", forget_ids: Sequence[str] | None = None,
@@ -291,9 +289,9 @@ def materialize_unlearned(engine: "S3T", method: str = "rum", proxy: str = "conf
             "forget_ids": forget, "n_forget": len(forget), "n_train": len(splits.train), "unscored": rep.unscored,
             "vanilla": vanilla.to_dict() if vanilla else None, "config": mcfg.to_dict(),
             **{k: row[k] for k in ("forget", "retain", "test", "mia", "seconds", "grad_example_steps")}}
-    path = store.save_unlearned(engine.cfg.state_dir, rep.states[primary], info, [*s.ids, *splits.test.ids],
+    path = store.save_unlearned(engine.storage, rep.states[primary], info, [*s.ids, *splits.test.ids],
                                 {"approximate": True, "method": method, "proxy": proxy})
-    return {**info, "path": str(path)}
+    return {**info, "path": path}
 
 
 def materialize_report(engine: "S3T", controls: bool = True, tracker: "Tracker | None" = None,
@@ -303,7 +301,7 @@ def materialize_report(engine: "S3T", controls: bool = True, tracker: "Tracker |
     run per variant."""
     s = scored(engine)
     splits = s.prep.splits
-    state, info = store.load_unlearned(engine.cfg.state_dir)
+    state, info = store.load_unlearned(engine.storage)
     forget = wf.check_forget_ids(splits, info["forget_ids"])
     mcfg = s.mcfg.replace(proxy=info["proxy"])
     method = info["method"]
@@ -313,7 +311,7 @@ def materialize_report(engine: "S3T", controls: bool = True, tracker: "Tracker |
     rep = wf.run_unlearning(s.prep.clf, splits, s.prep.original.state, forget, s.table, mcfg, variants, vanilla=vanilla, given=given)
     d = rep.to_dict()
     group = stamp()
-    with store.writer(store.root(engine.cfg.state_dir) / store.REPORT, [*s.ids, *splits.test.ids]) as w:
+    with store.writer(engine.storage, store.REPORT, [*s.ids, *splits.test.ids]) as w:
         run_ids = log_runs(tracker, d, mcfg.seed, group, method, w.name, tags={"s3t.source": "dagster", **(tags or {})}) if tracker else {}
         d = wf.labelled(d, method)
         summary = metrics.summarize([d["variants"]])

@@ -1,6 +1,8 @@
-"""Every file the memorization group keeps in a state folder, and their erasure.
+"""Every file the memorization group keeps in a state's storage, and their erasure.
 
-Layout under `<state>/memorization/`, one folder per artifact:
+The artifacts live in the state's `Storage` (s3t_ops/storage.py, the root URL of the trunk cache and the
+checkpoints: the state folder by default, or an object store), under `memorization/`, one folder (or
+object prefix) per artifact:
 
   original-<key>/          the original model of one config and live training set (key: a hash of both)
                            model.safetensors, proxies.parquet, training.json
@@ -8,19 +10,29 @@ Layout under `<state>/memorization/`, one folder per artifact:
   unlearned/               the `rum_unlearned` asset: model.safetensors, unlearned.json
   report/                  the `unlearning_report` asset: report.json, report.png
   runs/<stamp>-<method>/   one `s3t unlearn` call: report.json, report.png (with an oracle), model.safetensors
-  .writing-<name>-<hex>/   an artifact being written; renamed to <name> once complete
-  .replaced-<name>/        the previous version of a rewritten artifact, being removed
-  .erasing-<name>/         an artifact being erased
 
-Every artifact folder also holds `ids.json`: the sorted ids of every example its files were computed
-from (the training set, plus the validation split where the holdout-retraining proxy fine-tuned on it
-and the test split where accuracies and the MIA were measured on it). It is written first, so any
-folder holding data names its ids; `erase` reads nothing else. An artifact is written whole into a
-`.writing-*` sibling and renamed into place: readers never see half of one, and a crash leaves
-either the old version or the new one.
+Every artifact also holds `ids.json`: the sorted ids of every example its files were computed from (the
+training set, plus the validation split where the holdout-retraining proxy fine-tuned on it and the test
+split where accuracies and the MIA were measured on it). It is written first, so anything holding data
+names its ids; `erase` reads nothing else. The files are always written into a local stage folder (safetensors,
+Parquet and matplotlib write files), then committed whole, in the way the storage allows:
 
-MLflow runs logged for an artifact carry the tag `ARTIFACT_TAG` = its folder relative to
-`<state>/memorization/` (`runs/<stamp>-<method>`, `report`): runs whose folder is gone are to be
+- local: the stage is a `.writing-<name>-<hex>` sibling, renamed into place once complete; readers never
+  see half of an artifact, and a crash leaves either the old version or the new one. Leftovers:
+    .writing-<name>-<hex>/   an artifact being written (or cut short)
+    .replaced-<name>/        the previous version of a rewritten artifact, being removed
+    .erasing-<name>/         an artifact being erased
+- an object store (no rename): the stage is a local temporary folder, uploaded as `ids.json` first, then the
+  other files, then the empty marker `.complete` last. Readers take an artifact only with its marker, so a
+  crash midway leaves an incomplete artifact that nothing reads, which `erase` removes whatever its ids (it
+  is no version of anything). Removing an artifact, to erase it or before rewriting it, deletes the marker
+  first and `ids.json` last, so every object left by a crash midway is still named by its ids and still
+  incomplete. A rewrite removes the old version, then puts the new one: a reader in between finds none (the
+  original model is then retrained, a later asset asks for its upstream one). A process killed mid-write
+  leaves its temporary folder on the local disk, outside the state, where `erase` does not look.
+
+MLflow runs logged for an artifact carry the tag `ARTIFACT_TAG` = its name, its folder relative to
+`memorization/` (`runs/<stamp>-<method>`, `report`): runs whose artifact is not `complete` are to be
 hard-deleted (`erase` returns the names it removed; the registry also finds them by that absence).
 The asset folders keep their name when rewritten, so erasing `report` names the runs of its earlier
 versions too: more runs than strictly needed, never fewer.
@@ -31,6 +43,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -43,30 +56,40 @@ import pandas as pd
 from s3t_ops.memorization.config import MemorizationConfig
 from s3t_ops.memorization.model import State, TrainResult
 from s3t_ops.memorization.workflow import OriginalModel
+from s3t_ops.storage import Storage
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 ARTIFACT_TAG = "s3t.memorization_artifact"
+PREFIX = "memorization"
 SCORES, UNLEARNED, REPORT, RUNS = "scores", "unlearned", "report", "runs"
-IDS = "ids.json"
+IDS, COMPLETE = "ids.json", ".complete"
 WRITING, REPLACED, ERASING = ".writing-", ".replaced-", ".erasing-"
 MODEL, REPORT_JSON, REPORT_PNG = "model.safetensors", "report.json", "report.png"
 
 
-def root(state_dir: str | Path) -> Path:
-    return Path(state_dir) / "memorization"
-
-
-def original_folder(state_dir: str | Path, train_ids: list[str], mcfg: MemorizationConfig) -> Path:
-    """Where the original model of this config and live training set (in this order) is cached."""
+def original_name(train_ids: list[str], mcfg: MemorizationConfig) -> str:
+    """The artifact caching the original model of this config and live training set (in this order)."""
     key = hashlib.sha256(json.dumps({k: v for k, v in mcfg.to_dict().items() if k in ("depth", "epochs", "lr", "batch_size", "seed")},
                                     sort_keys=True).encode() + "|".join(train_ids).encode()).hexdigest()[:12]
-    return root(state_dir) / f"original-{key}"
+    return f"original-{key}"
 
 
-def run_folder(state_dir: str | Path, group: str, method: str) -> Path:
-    return root(state_dir) / RUNS / f"{group}-{method}"
+def run_name(group: str, method: str) -> str:
+    return f"{RUNS}/{group}-{method}"
+
+
+def location(storage: Storage, name: str, file: str | None = None) -> str:
+    """Where an artifact (or one of its files) is, for results and messages: a local path or a URL."""
+    return storage.location(f"{PREFIX}/{name}" + (f"/{file}" if file else ""))
+
+
+def complete(storage: Storage, name: str) -> bool:
+    """The artifact is there whole (locally its folder exists: it was renamed into place complete)."""
+    if storage.local:
+        return storage.local_path(f"{PREFIX}/{name}").is_dir()
+    return storage.exists(f"{PREFIX}/{name}/{COMPLETE}")
 
 
 # --- writing one artifact ---------------------------------------------------------------------
@@ -82,15 +105,9 @@ def _save_state(path: Path, state: State, metadata: dict[str, Any] | None = None
     return path
 
 
-def _load_state(path: Path) -> State:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def _remove(folder: Path, prefix: str) -> None:
-    """Rename `folder` out of place, then delete it: a crash midway leaves a `<prefix><name>` leftover, never
-    a half-deleted artifact under its own name."""
+    """Rename a local `folder` out of place, then delete it: a crash midway leaves a `<prefix><name>` leftover,
+    never a half-deleted artifact under its own name."""
     gone = folder.with_name(prefix + folder.name)
     if gone.exists():  # a leftover of the same name: finish it first
         shutil.rmtree(gone)
@@ -98,25 +115,35 @@ def _remove(folder: Path, prefix: str) -> None:
     shutil.rmtree(gone)
 
 
-class Writer:
-    """The files of one artifact being written: into a stage folder, found under `folder` once committed."""
+def _remove_objects(storage: Storage, files: list[str]) -> None:
+    """Remove the objects of one artifact on an object store: its marker first (nothing reads it any more),
+    `ids.json` last (whatever a crash leaves is still named by its ids)."""
+    def order(rel: str) -> int:
+        name = rel.rsplit("/", 1)[-1]
+        return 0 if name == COMPLETE else 2 if name == IDS else 1
 
-    def __init__(self, folder: Path, stage: Path):
-        self.folder = folder
+    for rel in sorted(files, key=order):
+        storage.remove(rel)
+
+
+class Writer:
+    """The files of one artifact being written: into a local stage folder, found at `location` once committed."""
+
+    def __init__(self, storage: Storage, name: str, stage: Path):
+        self.storage = storage
+        self.name = name  # the value of `ARTIFACT_TAG` on the MLflow runs logged for this artifact
         self.stage = stage
 
-    @property
-    def name(self) -> str:
-        """The value of `ARTIFACT_TAG` on the MLflow runs logged for this artifact."""
-        return _tag(self.folder.parent, self.folder.name)
+    def location(self, file: str) -> str:
+        return location(self.storage, self.name, file)
 
     @property
-    def report_json(self) -> Path:
-        return self.folder / REPORT_JSON
+    def report_json(self) -> str:
+        return self.location(REPORT_JSON)
 
-    def save_model(self, state: State, metadata: dict[str, Any] | None = None) -> Path:
+    def save_model(self, state: State, metadata: dict[str, Any] | None = None) -> str:
         _save_state(self.stage / MODEL, state, metadata)
-        return self.folder / MODEL
+        return self.location(MODEL)
 
     def save_report(self, result: dict[str, Any], figure: "Figure | None" = None) -> dict[str, Any]:
         """report.png (when a figure is given) and report.json; returns `result` with `json` and `png` set to
@@ -124,22 +151,37 @@ class Writer:
         png = None
         if figure is not None:
             figure.savefig(self.stage / REPORT_PNG)
-            png = str(self.folder / REPORT_PNG)
-        result = {**result, "json": str(self.report_json), "png": png}
+            png = self.location(REPORT_PNG)
+        result = {**result, "json": self.report_json, "png": png}
         _write_json(self.stage / REPORT_JSON, result)
         return result
 
 
 @contextmanager
-def writer(folder: Path, ids: Iterable[str]) -> Iterator[Writer]:
-    """Write an artifact whole: its ids first, its files into a `.writing-*` sibling, then renamed into place
-    (a previous version is removed first). An exception removes the stage: nothing half-written is left."""
+def writer(storage: Storage, name: str, ids: Iterable[str]) -> Iterator[Writer]:
+    """Write an artifact whole (see the module's docstring): its ids first, its files into a stage, then
+    committed (a previous version is removed first). An exception removes the stage: nothing half-written
+    is left."""
+    if not storage.local:
+        with tempfile.TemporaryDirectory(prefix="s3t-memorization-") as tmp:
+            stage = Path(tmp)
+            _write_json(stage / IDS, sorted(set(ids)), indent=None)
+            yield Writer(storage, name, stage)
+            rel = f"{PREFIX}/{name}"
+            _remove_objects(storage, storage.files(rel))
+            storage.write_bytes(f"{rel}/{IDS}", (stage / IDS).read_bytes())
+            for path in sorted(stage.iterdir()):
+                if path.name != IDS:
+                    storage.write_bytes(f"{rel}/{path.name}", path.read_bytes())
+            storage.write_bytes(f"{rel}/{COMPLETE}", b"")
+        return
+    folder = storage.local_path(f"{PREFIX}/{name}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     stage = folder.with_name(f"{WRITING}{folder.name}-{uuid.uuid4().hex[:8]}")
     stage.mkdir()
     try:
         _write_json(stage / IDS, sorted(set(ids)), indent=None)
-        yield Writer(folder, stage)
+        yield Writer(storage, name, stage)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -148,65 +190,84 @@ def writer(folder: Path, ids: Iterable[str]) -> Iterator[Writer]:
     os.rename(stage, folder)
 
 
+# --- reading one artifact ---------------------------------------------------------------------
+def _has(storage: Storage, name: str, file: str) -> bool:
+    """The file is there and belongs to a complete artifact."""
+    return complete(storage, name) and storage.exists(f"{PREFIX}/{name}/{file}")
+
+
+def _read_json(storage: Storage, name: str, file: str) -> Any:
+    return json.loads(storage.read_bytes(f"{PREFIX}/{name}/{file}"))
+
+
+def _read_parquet(storage: Storage, name: str, file: str) -> pd.DataFrame:
+    with storage.open(f"{PREFIX}/{name}/{file}") as f:
+        return pd.read_parquet(f)
+
+
+def _load_state(storage: Storage, name: str) -> State:
+    from safetensors.torch import load
+
+    return load(storage.read_bytes(f"{PREFIX}/{name}/{MODEL}"))
+
+
 # --- the artifacts ----------------------------------------------------------------------------
-def save_original(state_dir: str | Path, train_ids: list[str], mcfg: MemorizationConfig, original: OriginalModel) -> Path:
-    """model.safetensors + proxies.parquet + training.json; its ids are the training set."""
-    folder = original_folder(state_dir, train_ids, mcfg)
+def save_original(storage: Storage, train_ids: list[str], mcfg: MemorizationConfig, original: OriginalModel) -> str:
+    """model.safetensors + proxies.parquet + training.json; its ids are the training set. Returns its location."""
+    name = original_name(train_ids, mcfg)
     t = original.training
     info = {"epoch_losses": t.epoch_losses, "steps": t.steps, "grad_example_steps": t.grad_example_steps, "seconds": t.seconds,
             "seen_ids": sorted(t.seen_ids)}
-    with writer(folder, train_ids) as w:
+    with writer(storage, name, train_ids) as w:
         _save_state(w.stage / MODEL, original.state)
         original.proxies.to_parquet(w.stage / "proxies.parquet")
         _write_json(w.stage / "training.json", info, indent=None)
-    return folder
+    return location(storage, name)
 
 
-def load_original(state_dir: str | Path, train_ids: list[str], mcfg: MemorizationConfig) -> OriginalModel | None:
+def load_original(storage: Storage, train_ids: list[str], mcfg: MemorizationConfig) -> OriginalModel | None:
     """The cached original model of this config and training set, or None."""
-    folder = original_folder(state_dir, train_ids, mcfg)
-    if not (folder / "training.json").is_file():
+    name = original_name(train_ids, mcfg)
+    if not _has(storage, name, "training.json"):
         return None
-    info = json.loads((folder / "training.json").read_text())
+    info = _read_json(storage, name, "training.json")
     training = TrainResult(state={}, seen_ids=set(info.pop("seen_ids")), **info)
-    training.state = _load_state(folder / MODEL)
-    return OriginalModel(training.state, pd.read_parquet(folder / "proxies.parquet"), training)
+    training.state = _load_state(storage, name)
+    return OriginalModel(training.state, _read_parquet(storage, name, "proxies.parquet"), training)
 
 
-def save_scores(state_dir: str | Path, table: pd.DataFrame, meta: dict[str, Any], ids: Iterable[str]) -> Path:
-    """scores.parquet (one row per training id) + scores.json (`meta`); returns the parquet's path."""
-    folder = root(state_dir) / SCORES
-    with writer(folder, ids) as w:
+def save_scores(storage: Storage, table: pd.DataFrame, meta: dict[str, Any], ids: Iterable[str]) -> str:
+    """scores.parquet (one row per training id) + scores.json (`meta`); returns the parquet's location."""
+    with writer(storage, SCORES, ids) as w:
         table.to_parquet(w.stage / "scores.parquet")
         _write_json(w.stage / "scores.json", meta)
-    return folder / "scores.parquet"
+    return w.location("scores.parquet")
 
 
-def load_scores(state_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any], list[str]]:
+def load_scores(storage: Storage) -> tuple[pd.DataFrame, dict[str, Any], list[str]]:
     """(the table, its meta, the ids it was computed from: what anything built on it is built from too)."""
-    folder = root(state_dir) / SCORES
-    if not (folder / "scores.json").is_file():
-        raise FileNotFoundError(f"{folder}/scores.json: materialize memorization_scores first")
-    if not (folder / IDS).is_file():
-        raise FileNotFoundError(f"{folder}/{IDS}: written before artifacts named their ids; materialize memorization_scores again")
-    return (pd.read_parquet(folder / "scores.parquet"), json.loads((folder / "scores.json").read_text()),
-            json.loads((folder / IDS).read_text()))
+    if not _has(storage, SCORES, "scores.json"):
+        raise FileNotFoundError(f"{location(storage, SCORES, 'scores.json')}: materialize memorization_scores first")
+    if not _has(storage, SCORES, IDS):
+        raise FileNotFoundError(f"{location(storage, SCORES, IDS)}: written before artifacts named their ids; "
+                                "materialize memorization_scores again")
+    return (_read_parquet(storage, SCORES, "scores.parquet"), _read_json(storage, SCORES, "scores.json"),
+            _read_json(storage, SCORES, IDS))
 
 
-def save_unlearned(state_dir: str | Path, state: State, info: dict[str, Any], ids: Iterable[str],
-                   metadata: dict[str, Any] | None = None) -> Path:
-    """model.safetensors + unlearned.json (`info`); returns the model's path."""
-    with writer(root(state_dir) / UNLEARNED, ids) as w:
+def save_unlearned(storage: Storage, state: State, info: dict[str, Any], ids: Iterable[str],
+                   metadata: dict[str, Any] | None = None) -> str:
+    """model.safetensors + unlearned.json (`info`); returns the model's location."""
+    with writer(storage, UNLEARNED, ids) as w:
         path = w.save_model(state, metadata)
         _write_json(w.stage / "unlearned.json", info)
     return path
 
 
-def load_unlearned(state_dir: str | Path) -> tuple[State, dict[str, Any]]:
-    folder = root(state_dir) / UNLEARNED
-    if not (folder / "unlearned.json").is_file():
-        raise FileNotFoundError(f"{folder}/unlearned.json: materialize rum_unlearned first")
-    return _load_state(folder / MODEL), json.loads((folder / "unlearned.json").read_text())
+def load_unlearned(storage: Storage) -> tuple[State, dict[str, Any]]:
+    if not _has(storage, UNLEARNED, "unlearned.json"):
+        raise FileNotFoundError(f"{location(storage, UNLEARNED, 'unlearned.json')}: materialize rum_unlearned first")
+    return _load_state(storage, UNLEARNED), _read_json(storage, UNLEARNED, "unlearned.json")
 
 
 # --- erasure ----------------------------------------------------------------------------------
@@ -214,40 +275,45 @@ def load_unlearned(state_dir: str | Path) -> tuple[State, dict[str, Any]]:
 class Erased:
     """What one `erase` call removed; empty when nothing was built from a deleted example."""
 
-    paths: list[Path] = field(default_factory=list)  # the folders removed
+    paths: list[str] = field(default_factory=list)  # the artifacts removed (local folders or URLs)
     mlflow_tags: list[str] = field(default_factory=list)  # artifact names: runs tagged ARTIFACT_TAG=<name> are to be deleted
 
 
-def _built_from_deleted(folder: Path, is_deleted: Callable[[str], bool]) -> bool:
+def _built_from_deleted(ids_json: Callable[[], bytes], is_deleted: Callable[[str], bool]) -> bool:
     try:
-        ids = json.loads((folder / IDS).read_text())
+        ids = json.loads(ids_json())
     except (FileNotFoundError, ValueError):
         return True  # written before artifacts named their ids, or cut short before: its ids are unknown
     return any(is_deleted(str(i)) for i in ids)
 
 
 def _tag(parent: Path, name: str) -> str:
-    """The artifact a folder in `parent` is, or was meant to be (`.erasing-X` and `.writing-X-<hex>` are X),
-    as its path relative to the memorization folder: the MLflow tag value of its runs."""
+    """The artifact a local folder in `parent` is, or was meant to be (`.erasing-X` and `.writing-X-<hex>` are
+    X): its name, the MLflow tag value of its runs."""
     name = name.removeprefix(ERASING)
     name = name[len(WRITING):].rsplit("-", 1)[0] if name.startswith(WRITING) else name
     return f"{RUNS}/{name}" if parent.name == RUNS else name
 
 
-def erase(state_dir: str | Path, is_deleted: Callable[[str], bool]) -> Erased:
+def erase(storage: Storage, is_deleted: Callable[[str], bool]) -> Erased:
     """Physically remove every artifact built from an example for which `is_deleted(id)` is true.
 
-    The artifacts hold models trained on those examples and lists of their ids. Each folder is renamed
-    to `.erasing-<name>` before it is deleted; leftovers of an interrupted call (`.erasing-*`, and
+    The artifacts hold models trained on those examples and lists of their ids. Locally each folder is
+    renamed to `.erasing-<name>` before it is deleted; leftovers of an interrupted call (`.erasing-*`, and
     `.replaced-*` of an interrupted rewrite) are finished first, so calling again after a crash
     completes the work and a second call is a no-op. Stages (`.writing-*`) are judged by their ids like
-    any artifact. Returns the folders removed and the artifact names whose MLflow runs the caller must
-    delete; a finished `.erasing-<name>` names <name> again, since the call that renamed it may not have
-    returned. Not meant to run beside a writer of the same state (a stage it has not yet named its
-    ids in would be removed, failing that write).
+    any artifact. On an object store an artifact is removed marker first (`_remove_objects`), and an
+    incomplete one (a write or removal cut short) is removed whatever its ids, which also finishes an
+    interrupted call. Returns the artifacts removed and the artifact names whose MLflow runs the caller
+    must delete; a finished `.erasing-<name>` (or an incomplete artifact) names <name> again, since the
+    call that started removing it may not have returned. Not meant to run beside a writer of the same
+    state (a stage or an incomplete artifact it has not yet named its ids in would be removed, failing
+    or truncating that write).
     """
+    if not storage.local:
+        return _erase_objects(storage, is_deleted)
     out = Erased()
-    base = root(state_dir)
+    base = storage.local_path(PREFIX)
     for parent in (base, base / RUNS):
         if not parent.is_dir():
             continue
@@ -256,12 +322,30 @@ def erase(state_dir: str | Path, is_deleted: Callable[[str], bool]) -> Erased:
                 continue
             if path.name.startswith((ERASING, REPLACED)):
                 shutil.rmtree(path)  # finish what an interrupted call started
-            elif _built_from_deleted(path, is_deleted):
+            elif _built_from_deleted((path / IDS).read_bytes, is_deleted):
                 _remove(path, ERASING)
             else:
                 continue
-            out.paths.append(path)
+            out.paths.append(str(path))
             if not path.name.startswith(REPLACED):  # a replaced version's runs are named by its successor
                 out.mlflow_tags.append(_tag(parent, path.name))
     out.mlflow_tags = list(dict.fromkeys(out.mlflow_tags))
+    return out
+
+
+def _erase_objects(storage: Storage, is_deleted: Callable[[str], bool]) -> Erased:
+    artifacts: dict[str, list[str]] = {}
+    for rel in storage.files(PREFIX):
+        parts = rel.split("/")
+        name = "/".join(parts[1:3] if parts[1] == RUNS else parts[1:2])
+        if name != RUNS:
+            artifacts.setdefault(name, []).append(rel)
+    out = Erased()
+    for name, files in sorted(artifacts.items()):
+        whole = f"{PREFIX}/{name}/{COMPLETE}" in files
+        if whole and not _built_from_deleted(lambda name=name: storage.read_bytes(f"{PREFIX}/{name}/{IDS}"), is_deleted):
+            continue
+        _remove_objects(storage, files)
+        out.paths.append(location(storage, name))
+        out.mlflow_tags.append(name)
     return out

@@ -6,8 +6,8 @@ memorization_scores -> one table per training id: the proxies, holdout retrainin
 plan_variants    -> which models a requested method means (the method, its controls, the oracle)
 run_unlearning   -> oracle, vanilla, RUM^F, full RUM and shuffle controls, each scored against the oracle
 The steps are those of docs/memorization.md ("## Proxies", "## RUM", "## Metrics"). Everything here
-is approximate unlearning (labelled so in the report); S3T itself is the exact path. What is kept on
-disk, and its erasure, is store.py's.
+is approximate unlearning (labelled so in the report); S3T itself is the exact path. What is kept in
+the state's storage, and its erasure, is store.py's.
 """
 from __future__ import annotations
 
