@@ -41,6 +41,8 @@ from s3t_ops.sequences import select_sequences
 from s3t_ops.storage import Storage
 from s3t_ops.tombstones import Keyring
 
+SCRATCH = ".staging"  # local staging of files bound for a non-local storage (s3t_ops/storage.py)
+
 if TYPE_CHECKING:
     import torch
 
@@ -141,7 +143,7 @@ class S3T:
         self.cfg = cfg
         self.root = Path(cfg.state_dir)
         self.ledger = Ledger(self.root / "ledger.duckdb")
-        self.storage = Storage(cfg.storage_url or cfg.state_dir)
+        self.storage = Storage(cfg.storage_url or cfg.state_dir, scratch=Path(cfg.state_dir) / SCRATCH)
         self.store = CheckpointStore(self.storage)
         self._backbone = backbone
         self._trunks: dict[str, tuple[Hashable, "TrunkCache"]] = {}  # name -> (storage stamp, cache)

@@ -47,7 +47,7 @@ def write_json(path: Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -65,7 +65,7 @@ def remove_temporaries(root: Path) -> list[Path]:
         return removed
     for p in Path(root).rglob(f"*{TMP_MARK}*"):
         pid = p.name.rsplit(TMP_MARK, 1)[-1]
-        if p.is_file() and pid.isdigit() and not _alive(int(pid)):
+        if p.is_file() and pid.isdigit() and not alive(int(pid)):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

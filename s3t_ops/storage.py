@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from s3t_ops.files import remove_temporaries, tmp_path, write_bytes
+from s3t_ops.files import TMP_MARK, alive, remove_temporaries, tmp_path, write_bytes
 
 LOCAL_PROTOCOLS = ("file", "local")
 DATA_PREFIXES = ("trunk", "slices", "checkpoints", "memorization")
@@ -66,10 +66,14 @@ class Staged:
 class Storage:
     """Data files under one root URL; paths are relative, '/'-separated."""
 
-    def __init__(self, url: str | os.PathLike):
+    def __init__(self, url: str | os.PathLike, scratch: Path | None = None):
+        """`scratch`: a local folder for files that must exist on disk before they are put (a figure, a
+        Parquet file). The engine passes one inside the state folder, so what a crash leaves there is
+        still the state's own (repair removes it) and never escapes erasure in the system's temp dir."""
         from fsspec.core import url_to_fs
 
         self.url = str(url)
+        self.scratch = scratch
         self.local = protocol_of(url) in LOCAL_PROTOCOLS
         self.fs, root = url_to_fs(self.url)
         self.root = root.rstrip("/")
@@ -208,3 +212,29 @@ class Storage:
             raise StorageError(f"storage {self.url} is unreachable: {' '.join(str(exc).split()) or type(exc).__name__}") from None
         if found:
             raise StorageError(f"storage {self.url} already holds {', '.join(found)}/ of another state; use one URL per state")
+
+
+def scratch_dir(storage: Storage, name: str) -> Path:
+    """A new local folder to stage `name`'s files in: under the storage's scratch folder when it has one,
+    named with this process's id so that repair can tell a crashed writer's leftovers from a live one's."""
+    import tempfile
+
+    base = storage.scratch
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}{TMP_MARK}{os.getpid()}-", dir=base))
+
+
+def remove_dead_scratch(scratch: Path | None) -> list[Path]:
+    """Delete staging folders whose writer process is gone (a crash between staging and the put)."""
+    import shutil
+
+    removed = []
+    if scratch is None or not scratch.is_dir():
+        return removed
+    for p in scratch.iterdir():
+        pid = p.name.rsplit(TMP_MARK, 1)[-1].split("-", 1)[0]
+        if p.is_dir() and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

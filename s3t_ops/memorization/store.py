@@ -22,14 +22,14 @@ Parquet and matplotlib write files), then committed whole, in the way the storag
     .writing-<name>-<hex>/   an artifact being written (or cut short)
     .replaced-<name>/        the previous version of a rewritten artifact, being removed
     .erasing-<name>/         an artifact being erased
-- an object store (no rename): the stage is a local temporary folder, uploaded as `ids.json` first, then the
+- an object store (no rename): the stage is a local folder in the state folder's `.staging/` (named with the
+  writer's pid; removed after the upload, and by repair when its writer died), uploaded as `ids.json` first, then the
   other files, then the empty marker `.complete` last. Readers take an artifact only with its marker, so a
   crash midway leaves an incomplete artifact that nothing reads, which `erase` removes whatever its ids (it
   is no version of anything). Removing an artifact, to erase it or before rewriting it, deletes the marker
   first and `ids.json` last, so every object left by a crash midway is still named by its ids and still
   incomplete. A rewrite removes the old version, then puts the new one: a reader in between finds none (the
-  original model is then retrained, a later asset asks for its upstream one). A process killed mid-write
-  leaves its temporary folder on the local disk, outside the state, where `erase` does not look.
+  original model is then retrained, a later asset asks for its upstream one).
 
 MLflow runs logged for an artifact carry the tag `ARTIFACT_TAG` = its name, its folder relative to
 `memorization/` (`runs/<stamp>-<method>`, `report`): runs whose artifact is not `complete` are to be
@@ -43,7 +43,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -56,7 +55,7 @@ import pandas as pd
 from s3t_ops.memorization.config import MemorizationConfig
 from s3t_ops.memorization.model import State, TrainResult
 from s3t_ops.memorization.workflow import OriginalModel
-from s3t_ops.storage import Storage
+from s3t_ops.storage import Storage, scratch_dir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -163,8 +162,8 @@ def writer(storage: Storage, name: str, ids: Iterable[str]) -> Iterator[Writer]:
     committed (a previous version is removed first). An exception removes the stage: nothing half-written
     is left."""
     if not storage.local:
-        with tempfile.TemporaryDirectory(prefix="s3t-memorization-") as tmp:
-            stage = Path(tmp)
+        stage = scratch_dir(storage, "memorization")
+        try:
             _write_json(stage / IDS, sorted(set(ids)), indent=None)
             yield Writer(storage, name, stage)
             rel = f"{PREFIX}/{name}"
@@ -174,6 +173,8 @@ def writer(storage: Storage, name: str, ids: Iterable[str]) -> Iterator[Writer]:
                 if path.name != IDS:
                     storage.write_bytes(f"{rel}/{path.name}", path.read_bytes())
             storage.write_bytes(f"{rel}/{COMPLETE}", b"")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         return
     folder = storage.local_path(f"{PREFIX}/{name}")
     folder.parent.mkdir(parents=True, exist_ok=True)
