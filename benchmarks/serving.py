@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> dict:
                              "block_passes_shared": block_passes_shared, "block_passes_independent": m * blocks,
                              "ideal_speedup": m * blocks / block_passes_shared}
     full = results[f"all depth {L}"]
-    best = max(results.values(), key=lambda r: r["speedup"])
     result = {"benchmark": NAME, "args": vars(args), "machine": info, "config": cfg.to_dict(), "m": m, "texts": len(texts),
               "blocks": backbone.layout.n_blocks, "profiles": results,
               "targets": [target(f"shared-trunk serving >= 2x faster than independent forwards at m={m}, full depth (no deletions)",

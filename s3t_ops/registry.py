@@ -111,7 +111,6 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment: str = "s3t", model_name: str = "s3t-ensemble",
                  artifact_root: str | None = None):
-        import mlflow
         from mlflow import MlflowClient
 
         self.uri = tracking_uri

@@ -312,7 +312,7 @@ def test_retrain_trains_only_the_missing_stages(scenario, n):
 @pytest.mark.parametrize("n", STEPS)
 def test_retrained_stages_equal_training_from_scratch_bitwise(scenario, n):
     step = scenario["steps"][n]
-    eng, scratch = scenario["engine"], step.scratch
+    scratch = step.scratch
     cols = ["id", "text", "label", "split", "shard", "slice"]
     # the scratch state holds the same live data (same ids, splits and cells) ...
     pd.testing.assert_frame_equal(step.live[cols], scratch.ledger.examples()[cols])
