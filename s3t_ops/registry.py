@@ -429,4 +429,6 @@ def load_champion(model_name: str = "s3t-ensemble", tracking_uri: str | None = N
 
     if tracking_uri:
         use_tracking_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
+    with warnings.catch_warnings():  # loading the model class nags about type hints on `predict`
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
