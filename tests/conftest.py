@@ -61,3 +61,17 @@ def tiny_config(tmp_path, tiny_backbone_dir):
         return S3TConfig(**base)
 
     return make
+
+
+@pytest.fixture
+def memory_url():
+    """A root of its own in fsspec's process-global memory filesystem (a non-local storage), removed afterwards."""
+    import uuid
+
+    import fsspec
+
+    url = f"memory://s3t-test-{uuid.uuid4().hex[:8]}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)

@@ -22,16 +22,6 @@ BASE = dict(shards=2, slices=2, budget=2, epochs=1, batch_size=8, lr=5e-3, max_t
             n_train=None, n_val=12, n_test=12)
 
 
-@pytest.fixture
-def memory_url():
-    """A root of its own in the process-global memory filesystem, removed afterwards."""
-    url = f"memory://s3t-mem-{uuid.uuid4().hex[:8]}"
-    yield url
-    fs = fsspec.filesystem("memory")
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
-
-
 def _artifact_files(storage: Storage) -> dict[str, bytes]:
     """Every file of the memorization artifacts, relative to `memorization/`, with its bytes."""
     return {rel.split("/", 1)[1]: storage.read_bytes(rel) for rel in storage.files(store.PREFIX)}

@@ -64,16 +64,6 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def memory_url():
-    """A root of its own in the process-global memory filesystem, removed afterwards."""
-    url = f"memory://s3t-test-{uuid.uuid4().hex[:8]}"
-    yield url
-    fs = fsspec.filesystem("memory")
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
-
-
 def cfg_for(backbone_dir: Path, state: Path, storage_url: str | None = None, **changes) -> S3TConfig:
     return S3TConfig(**{**BASE, "backbone": str(backbone_dir), "state_dir": state, "storage_url": storage_url, **changes})
 
