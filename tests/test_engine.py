@@ -39,12 +39,8 @@ def create(cfg: S3TConfig, source) -> S3T:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices: one thread is 10-50x faster than two contending ones on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 def triples(specs) -> dict[tuple[int, int, int], str]:

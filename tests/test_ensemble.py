@@ -17,12 +17,8 @@ DEPTHS = {0: 3, 1: 1, 2: 4, 3: 2}  # shard -> served depth: every start block of
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices: one thread avoids contention on a busy 2-core box (and is faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

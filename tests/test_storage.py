@@ -57,11 +57,8 @@ fsspec.register_implementation("unreachable", UnreachableFileSystem, clobber=Tru
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 def cfg_for(backbone_dir: Path, state: Path, storage_url: str | None = None, **changes) -> S3TConfig:
