@@ -57,15 +57,23 @@ def alive(pid: int) -> bool:
     return True
 
 
-def remove_temporaries(root: Path) -> list[Path]:
-    """Delete `*.tmp-<pid>` files that a crashed writer left under `root`: never a finished file, and
-    never the temporary of a process that is still running (it may be about to rename it)."""
+def remove_temporaries(root: Path | None) -> list[Path]:
+    """Delete `*.tmp-<pid>` files (and staging folders) that a crashed writer left under `root`: never a
+    finished file, and never the temporary of a process that is still running (it may be about to use it)."""
+    import shutil
+
     removed = []
-    if not Path(root).is_dir():
+    if root is None or not Path(root).is_dir():
         return removed
-    for p in Path(root).rglob(f"*{TMP_MARK}*"):
+    for p in sorted(Path(root).rglob(f"*{TMP_MARK}*")):  # listed first: removing a folder must not disturb the walk
         pid = p.name.rsplit(TMP_MARK, 1)[-1]
-        if p.is_file() and pid.isdigit() and not alive(int(pid)):
+        if not (pid.isdigit() and not alive(int(pid))):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file():
             p.unlink(missing_ok=True)
-            removed.append(p)
+        else:
+            continue
+        removed.append(p)
     return removed

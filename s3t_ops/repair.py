@@ -25,14 +25,14 @@ if TYPE_CHECKING:
 def repair(engine: "S3T") -> "RepairReport":
     from s3t_ops.engine import RepairReport
     from s3t_ops.erasure import erase_pending
-    from s3t_ops.storage import remove_dead_scratch
+    from s3t_ops.files import remove_temporaries
 
     report = RepairReport()
     say = report.actions.append
     for sub in ("checkpoints", "trunk", "slices", "memorization"):
         for p in engine.storage.remove_temporaries(sub):
             say(f"removed temporary file {p}")
-    for p in remove_dead_scratch(engine.storage.scratch):
+    for p in remove_temporaries(engine.storage.scratch):
         say(f"removed staging folder {p}")
     for p in engine.ledger.remove_compaction_leftovers():
         say(f"removed unfinished ledger copy {p}")

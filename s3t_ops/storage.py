@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from s3t_ops.files import TMP_MARK, alive, remove_temporaries, tmp_path, write_bytes
+from s3t_ops.files import TMP_MARK, remove_temporaries, tmp_path, write_bytes
 
 LOCAL_PROTOCOLS = ("file", "local")
 DATA_PREFIXES = ("trunk", "slices", "checkpoints", "memorization")
@@ -216,25 +216,11 @@ class Storage:
 
 def scratch_dir(storage: Storage, name: str) -> Path:
     """A new local folder to stage `name`'s files in: under the storage's scratch folder when it has one,
-    named with this process's id so that repair can tell a crashed writer's leftovers from a live one's."""
+    named `<name>-<random>.tmp-<pid>` so that repair (`files.remove_temporaries`) can tell a crashed
+    writer's leftovers from a live one's."""
     import tempfile
 
     base = storage.scratch
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{name}{TMP_MARK}{os.getpid()}-", dir=base))
-
-
-def remove_dead_scratch(scratch: Path | None) -> list[Path]:
-    """Delete staging folders whose writer process is gone (a crash between staging and the put)."""
-    import shutil
-
-    removed = []
-    if scratch is None or not scratch.is_dir():
-        return removed
-    for p in scratch.iterdir():
-        pid = p.name.rsplit(TMP_MARK, 1)[-1].split("-", 1)[0]
-        if p.is_dir() and pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", suffix=f"{TMP_MARK}{os.getpid()}", dir=base))

@@ -201,8 +201,7 @@ def test_an_erasure_cut_short_is_finished_by_the_next_call(memory_url, monkeypat
 def test_staging_stays_in_the_state_folder_and_repair_removes_a_dead_writers(memory_url, tmp_path, monkeypatch):
     """Files bound for an object store are staged under <state>/.staging, never in the system's temp dir
     (erasure would not look there); a crash leaves them there, and repair removes a dead writer's folder."""
-    from s3t_ops.files import TMP_MARK
-    from s3t_ops.storage import remove_dead_scratch
+    from s3t_ops.files import TMP_MARK, remove_temporaries
 
     scratch = tmp_path / ".staging"
     storage = Storage(memory_url, scratch=scratch)
@@ -217,10 +216,10 @@ def test_staging_stays_in_the_state_folder_and_repair_removes_a_dead_writers(mem
         store.save_scores(storage, pd.DataFrame({"confidence": [0.5]}, index=["a"]), {"n_train": 1}, ["a"])
     assert seen and all(p.parts[0] == ".staging" for p in seen)  # staged inside the state folder
     assert not list(scratch.iterdir())  # an exception cleans up after itself
-    dead = scratch / f"memorization{TMP_MARK}999999999-x"  # what a SIGKILL leaves: no live process has this pid
-    live = scratch / f"memorization{TMP_MARK}{__import__('os').getpid()}-y"
+    dead = scratch / f"memorization-x{TMP_MARK}999999999"  # what a SIGKILL leaves: no live process has this pid
+    live = scratch / f"memorization-y{TMP_MARK}{__import__('os').getpid()}"
     for d in (dead, live):
         d.mkdir()
         (d / store.IDS).write_text('["a"]')
-    assert remove_dead_scratch(scratch) == [dead]
+    assert remove_temporaries(scratch) == [dead]
     assert not dead.exists() and live.exists()
