@@ -144,7 +144,7 @@ def run_seed(args, seed: int, root: Path, result: dict, save) -> None:
         t = time.perf_counter()
         fitted = s3t.fit().to_dict()
         fitted["seconds_this_process"] = time.perf_counter() - t
-        if seed == args.seeds[0] and "stream" in args.workloads and not (root / "stream-s3t").exists():
+        if seed == result["seeds"][0] and "stream" in args.workloads and not (root / "stream-s3t").exists():
             s3t.clone(root / "stream-s3t")  # the stream starts from the same fitted state
         b1 = S3TView(s3t, [0], LABELS["s3t_b1"])
         b1_rows = [{"d": 0, "accuracy": b1.evaluate("test"), "depths": b1.depths(), "grad_example_steps": 0}]
@@ -163,7 +163,7 @@ def run_seed(args, seed: int, root: Path, result: dict, save) -> None:
     if "sisa" in args.systems and "sisa" not in systems:
         sisa = SISA(run.data, retrain=False, model="full", name=LABELS["sisa"])
         fitted = fit(sisa, args.quiet, "fit SISA (example-steps)")
-        stream_sisa = sisa.clone(retrain=False) if seed == args.seeds[0] and "stream" in args.workloads else None
+        stream_sisa = sisa.clone(retrain=False) if seed == result["seeds"][0] and "stream" in args.workloads else None
         systems["sisa"] = {"fit": fitted, "curve": curve(sisa, victims, True, args.quiet, "SISA deletions")}
         say(f"SISA: acc@0 {systems['sisa']['curve'][0]['accuracy']:.4f}, area {area([r['accuracy'] for r in systems['sisa']['curve']]):.4f}")
         save()
@@ -180,7 +180,7 @@ def run_seed(args, seed: int, root: Path, result: dict, save) -> None:
         systems["one_model"] = {"fit": fitted, "curve": [{"d": 0, "accuracy": one.evaluate("test"), "depths": {}}]}
         say(f"one model: acc@0 {systems['one_model']['curve'][0]['accuracy']:.4f}")
         save()
-    if seed == args.seeds[0] and "stream" in args.workloads:
+    if seed == result["seeds"][0] and "stream" in args.workloads:
         run_stream(args, run, root, result.setdefault("stream", {"days": []}), save, say)
 
 
@@ -406,7 +406,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result and (result.get("args", {}).get("n_train"), result.get("args", {}).get("shards")) != (args.n_train, args.shards):
         p.error(f"{path} holds a run with other sizes; use --fresh or another --out")
-    result.update({"benchmark": NAME, "args": vars(args), "seeds": args.seeds})
+    # seeds accumulate: a run of one seed (e.g. the stream alone) must not drop the others from the summary
+    seeds = list(result.get("seeds", [])) + [s for s in args.seeds if s not in result.get("seeds", [])]
+    result.update({"benchmark": NAME, "args": vars(args), "seeds": seeds})
     result.setdefault("runs", {})
     result.setdefault("machines", []).append(machine())
     root.mkdir(parents=True, exist_ok=True)
