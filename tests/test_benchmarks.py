@@ -92,6 +92,9 @@ def test_headline_quick_resumes_and_reports_intervals(tmp_path, toy_source, tiny
     before, after = json.loads(stamp), json.loads((out / "headline.json").read_text())
     assert after["runs"] == before["runs"] and after["stream"] == before["stream"]
     assert len(after["machines"]) == len(before["machines"]) + 1
+    # a later run of one seed alone (as when the stream is finished in its own process) keeps every seed
+    again = headline.main(args + ["--seeds", "1", "--workloads", "uniform"])
+    assert again["seeds"] == [0, 1] and again["s3t_minus_sisa_at_0"]["n"] == 2 and again["stream"] == before["stream"]
 
 
 @pytest.mark.parametrize("flags,message", [
