@@ -60,7 +60,7 @@ def test_all_benchmarks_quick_write_json_and_png(tmp_path, toy_source, tiny_back
 
 
 @pytest.mark.parametrize("name", ["deletion_rate", "deletion_workload", "accuracy_zero", "training", "serving", "headline",
-                                  "stage_ablation", "honour_latency", "run_all"])
+                                  "stage_ablation", "honour_latency", "prefix_depth", "run_all"])
 def test_help_is_truthful(name):
     out = subprocess.run([sys.executable, f"benchmarks/{name}.py", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--out" in out
@@ -95,6 +95,42 @@ def test_headline_quick_resumes_and_reports_intervals(tmp_path, toy_source, tiny
     # a later run of one seed alone (as when the stream is finished in its own process) keeps every seed
     again = headline.main(args + ["--seeds", "1", "--workloads", "uniform"])
     assert again["seeds"] == [0, 1] and again["s3t_minus_sisa_at_0"]["n"] == 2 and again["stream"] == before["stream"]
+
+
+def test_prefix_depth_quick_measures_every_depth_and_keeps_no_state(tmp_path, toy_source, tiny_backbone_dir):
+    from benchmarks import prefix_depth
+
+    out = tmp_path / "p"
+    res = prefix_depth.main(["--out", str(out), "--quick", "--quiet", "--source", str(toy_source), "--backbone", str(tiny_backbone_dir)])
+    for key in ("s3t", "sisa"):
+        sy = res["systems"][key]
+        assert [r["depth"] for r in sy["by_depth"]] == list(range(1, res["slices"] + 1))
+        assert [r["shards"] for r in sy["by_live_shards"]] == list(range(1, res["shards"] + 1))
+        assert all(len(r["shard_acc"]) == res["shards"] for r in sy["by_depth"])
+        # every shard at full depth is the same ensemble however it is reached
+        assert sy["by_live_shards"][-1]["ensemble_acc"] == sy["by_depth"][-1]["ensemble_acc"]
+        assert sy["grad_example_steps"] > 0
+    assert json.loads((out / "prefix_depth.json").read_text())["n_eval"] == res["n_eval"] > 0
+    assert (out / "prefix_depth.png").stat().st_size > 5_000 and not (out / "state-prefix_depth").exists()
+
+
+def test_sisa_at_depth_is_a_copy_at_that_depth(tmp_path, toy_source, tiny_backbone_dir):
+    from benchmarks.common import QUICK
+    from s3t_ops.baselines import SISA, SharedData
+    from s3t_ops.config import S3TConfig
+    from s3t_ops.engine import S3T
+    from s3t_ops.publish import Publisher
+
+    cfg = S3TConfig(**{k: v for k, v in QUICK.items()}, lora_alpha=8, backbone=str(tiny_backbone_dir), state_dir=tmp_path / "s")
+    engine = S3T.create(cfg, str(toy_source), progress=False, publisher=Publisher())
+    engine.build_trunk()
+    sisa = SISA(SharedData.from_engine(engine), retrain=False)
+    sisa.fit()
+    shallow = sisa.at_depth(1)
+    assert set(shallow.depths().values()) == {1} and set(sisa.depths().values()) == {cfg.slices}
+    assert shallow.at_depth(cfg.slices).depths() == shallow.depths()  # never deeper than what it holds
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        sisa.at_depth(0)
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -72,6 +72,15 @@ class SISA(UnlearningSystem):
         other._cache = LogitCache()
         return other
 
+    def at_depth(self, depth: int) -> "SISA":
+        """A copy serving every shard at `depth` checkpoints (or its deepest, if fewer): what a prefix
+        fallback of that depth is worth, measured without any deletion (benchmarks/prefix_depth.py)."""
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        other = self.clone(retrain=False)
+        other.depth = [min(depth, d) for d in self.depth]
+        return other
+
     # --- training ---------------------------------------------------------------------------
     def _train_from(self, shard: int, r: int) -> tuple[int, int]:
         """Retrain checkpoints r..L of a shard from checkpoint r-1; returns (grad example-steps, checkpoints)."""
