@@ -296,12 +296,13 @@ def plot(result: dict, path: Path) -> None:
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 3, figsize=(16, 4.6), dpi=120)
     ax = axes[0]
-    for key in ("s3t", "s3t_b1", "sisa", "per_shard"):
-        curves = [result["runs"][s]["systems"][key]["curve"] for s in map(str, result["seeds"])
-                  if s in result["runs"] and key in result["runs"][s]["systems"]]
+    every = {key: [result["runs"][s]["systems"][key]["curve"] for s in map(str, result["seeds"])
+                   if s in result["runs"] and key in result["runs"][s]["systems"]] for key in ("s3t", "s3t_b1", "sisa", "per_shard")}
+    shown = [len(c) for curves in every.values() for c in curves]
+    for key, curves in every.items():
         if not curves:
             continue
-        n = min(len(c) for c in curves)
+        n = min(shown)  # one x range for every system: the shortest workload (the seed where SISA died first)
         ys = np.array([[0.0 if r["accuracy"] is None else r["accuracy"] for r in c[:n]] for c in curves])
         ax.plot(range(n), ys.mean(0), color=COLORS[key], label=LABELS[key])
         if len(curves) > 1:
