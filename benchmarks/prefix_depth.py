@@ -42,14 +42,13 @@ def measure(system, depths: int, labels, quiet: bool, desc: str) -> dict:
     out = {"by_depth": [], "by_live_shards": []}
     with bar(depths, desc, quiet, unit="depth") as pb:
         for k in range(1, depths + 1):
-            logits = logits_of(system.at_depth(k))
+            logits = logits_of(system.at_depth(k))  # the last depth's logits serve the live-shard curve below
             shard_acc = [accuracy(lg.argmax(-1), labels) for lg in logits]
             out["by_depth"].append({"depth": k, "shard_acc": shard_acc, "mean_shard_acc": sum(shard_acc) / len(shard_acc),
                                     "ensemble_acc": accuracy(aggregate(logits, "mean"), labels)})
             pb.update()
-    full = logits_of(system.at_depth(depths))
-    for n in range(1, len(full) + 1):
-        out["by_live_shards"].append({"shards": n, "ensemble_acc": accuracy(aggregate(full[:n], "mean"), labels)})
+    for n in range(1, len(logits) + 1):
+        out["by_live_shards"].append({"shards": n, "ensemble_acc": accuracy(aggregate(logits[:n], "mean"), labels)})
     return out
 
 
