@@ -246,15 +246,18 @@ def summarise(result: dict) -> None:
     out = {"s3t_minus_sisa_at_0": interval(diff("sisa")), "s3t_minus_one_model_at_0": interval(diff("one_model")),
            "s3t_b1_minus_sisa_at_0": interval([(acc0(s, "s3t_b1") - acc0(s, "sisa")) * 100 for s in seeds
                                                if acc0(s, "s3t_b1") is not None and acc0(s, "sisa") is not None])}
-    ratios, ratios_b1 = [], []
+    ratios, ratios_b1, ceilings = [], [], []
     for s in seeds:
         sy = runs[s]["systems"]
         if "s3t" in sy and "sisa" in sy:
             a_sisa = area([r["accuracy"] for r in sy["sisa"]["curve"]])
             ratios.append(area([r["accuracy"] for r in sy["s3t"]["curve"]]) / a_sisa)
             ratios_b1.append(area([r["accuracy"] for r in sy["s3t_b1"]["curve"]]) / a_sisa)
+            # the ratio S3T would reach if no deletion cost it any accuracy (its curve flat at its 0-deletion value)
+            ceilings.append(sy["s3t"]["curve"][0]["accuracy"] / a_sisa)
     out["area_ratio_vs_sisa"] = interval(ratios)
     out["area_ratio_b1_vs_sisa"] = interval(ratios_b1)
+    out["area_ratio_ceiling_vs_sisa"] = interval(ceilings)
     out["accuracy_at_0"] = {k: interval([acc0(s, k) for s in seeds if acc0(s, k) is not None]) for k in SYSTEMS}
     out["area"] = {k: interval([area([r["accuracy"] for r in runs[s]["systems"][k]["curve"]]) for s in seeds
                                 if k in runs[s]["systems"] and k != "one_model"]) for k in SYSTEMS if k != "one_model"}

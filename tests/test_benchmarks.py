@@ -75,8 +75,12 @@ def test_headline_quick_resumes_and_reports_intervals(tmp_path, toy_source, tiny
     args = ["--out", str(out), "--quick", "--quiet", "--source", str(toy_source), "--backbone", str(tiny_backbone_dir)]
     first = headline.main(args)
     assert first["seeds"] == [0, 1] and set(first["runs"]) == {"0", "1"}
-    for key in ("s3t_minus_sisa_at_0", "s3t_minus_one_model_at_0", "area_ratio_vs_sisa"):
+    for key in ("s3t_minus_sisa_at_0", "s3t_minus_one_model_at_0", "area_ratio_vs_sisa", "area_ratio_ceiling_vs_sisa"):
         assert first[key]["n"] == 2 and len(first[key]["ci95"]) == 2
+    # the ceiling: S3T's 0-deletion accuracy over SISA's area (the ratio if no deletion cost S3T anything)
+    for seed, ceiling in zip(first["seeds"], first["area_ratio_ceiling_vs_sisa"]["values"]):
+        curves = first["runs"][str(seed)]["systems"]
+        assert ceiling == pytest.approx(curves["s3t"]["curve"][0]["accuracy"] / headline.area([r["accuracy"] for r in curves["sisa"]["curve"]]))
     assert set(first["stream_mean_acc"]) == {"s3t", "sisa"} and first["stream_days"] == 2
     assert first["stream_request_path_grad_example_steps"]["s3t"] == 0 and first["stream_night_grad_example_steps"]["s3t"] > 0
     for seed in first["runs"].values():
