@@ -11,7 +11,10 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/x.py` works as well as `python -m benchmarks.x`
@@ -138,6 +141,21 @@ def write_json(out: Path, name: str, data: dict[str, Any]) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(_clean(data), indent=2, default=str))
     return path
+
+
+def val_test_logits(system) -> list:
+    """Per-shard logits on val and test together (more examples, smaller error bars), in shard order."""
+    import torch
+
+    val, test = system.shard_logits("val"), system.shard_logits("test")
+    return [torch.cat([val[s], test[s]]) for s in sorted(val)]
+
+
+def val_test_labels(data) -> "torch.Tensor":
+    """The labels matching `val_test_logits` rows."""
+    import torch
+
+    return torch.cat([data.eval_labels("val"), data.eval_labels("test")])
 
 
 def plt():

@@ -23,7 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import apply_threads, bar, base_parser, fresh_dir, machine, make_config, model_args, plt, prepare_engine, write_json
+from benchmarks.common import (apply_threads, bar, base_parser, fresh_dir, machine, make_config, model_args, plt, prepare_engine,
+                               val_test_labels, val_test_logits, write_json)
 
 NAME = "prefix_depth"
 SYSTEMS = {"s3t": ("stages", "S3T stage prefix (identity sequence)"), "sisa": ("full", "classic SISA slice fallback")}
@@ -31,18 +32,12 @@ SYSTEMS = {"s3t": ("stages", "S3T stage prefix (identity sequence)"), "sisa": ("
 
 def measure(system, depths: int, labels, quiet: bool, desc: str) -> dict:
     """Accuracy by depth (one shard, all shards) and by number of full-depth shards."""
-    import torch
-
     from s3t_ops.baselines.base import accuracy, aggregate
-
-    def logits_of(view) -> list:
-        val, test = view.shard_logits("val"), view.shard_logits("test")
-        return [torch.cat([val[s], test[s]]) for s in sorted(val)]
 
     out = {"by_depth": [], "by_live_shards": []}
     with bar(depths, desc, quiet, unit="depth") as pb:
         for k in range(1, depths + 1):
-            logits = logits_of(system.at_depth(k))  # the last depth's logits serve the live-shard curve below
+            logits = val_test_logits(system.at_depth(k))  # the last depth's logits serve the live-shard curve below
             shard_acc = [accuracy(lg.argmax(-1), labels) for lg in logits]
             out["by_depth"].append({"depth": k, "shard_acc": shard_acc, "mean_shard_acc": sum(shard_acc) / len(shard_acc),
                                     "ensemble_acc": accuracy(aggregate(logits, "mean"), labels)})
@@ -79,8 +74,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-
     from s3t_ops.baselines import SISA, SharedData
 
     p = base_parser(NAME, __doc__)
@@ -93,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         engine, prep = prepare_engine(make_config(args, root / "state"), args.source, progress=not args.quiet)
         data = SharedData.from_engine(engine)
-        labels = torch.cat([data.eval_labels("val"), data.eval_labels("test")])
+        labels = val_test_labels(data)
         result = {"benchmark": NAME, "args": vars(args), "machine": machine(), "n_train": len(data.cells), "n_eval": len(labels),
                   "shards": data.shards, "slices": data.slices, "prepare_seconds": prep, "systems": {}}
         for key, (model, label) in SYSTEMS.items():

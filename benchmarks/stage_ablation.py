@@ -21,7 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import apply_threads, bar, base_parser, fresh_dir, machine, make_config, model_args, plt, prepare_engine, write_json
+from benchmarks.common import (apply_threads, bar, base_parser, fresh_dir, machine, make_config, model_args, plt, prepare_engine,
+                               val_test_labels, val_test_logits, write_json)
 
 NAME = "stage_ablation"
 # name -> (config overrides of today's defaults, does SISA change too?); "qv_only+no_refine" is the stage
@@ -41,8 +42,6 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
 
 
 def run_variant(args, name: str, overrides: dict, with_sisa: bool, root: Path) -> dict:
-    import torch
-
     from s3t_ops.baselines import SISA, SharedData
     from s3t_ops.baselines.base import accuracy, aggregate
 
@@ -54,12 +53,12 @@ def run_variant(args, name: str, overrides: dict, with_sisa: bool, root: Path) -
         systems.append(("sisa", SISA(data, model="full", retrain=False)))
     out = {"overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
            "prepare_seconds": prep, "n_train": len(data.cells)}
-    labels = torch.cat([data.eval_labels("val"), data.eval_labels("test")])
+    labels = val_test_labels(data)
     for key, system in systems:
         with bar(None, f"{name}: fit {key}", args.quiet, unit="ex") as pb:
             system.on_batch = pb.update
             fit = system.fit()
-        logits = [torch.cat([v, t]) for v, t in zip(system.shard_logits("val").values(), system.shard_logits("test").values())]
+        logits = val_test_logits(system)
         pred = aggregate(logits, "mean")
         out[key] = {"acc": accuracy(pred, labels), "n_eval": len(labels), "fit_seconds": fit.seconds,
                     "grad_example_steps": fit.grad_example_steps,

@@ -15,14 +15,8 @@ from tests.conftest import toy_frame
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread avoids spin-wait contention (2x faster here)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture

@@ -12,14 +12,8 @@ from tests.conftest import toy_frame
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread avoids spin-wait contention (2x faster here)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +164,4 @@ def test_trunk_size_quick_compares_layouts(tmp_path, tiny_backbone_dir):
     assert rows["float16"]["bytes_per_example"] < 0.6 * rows["float32"]["bytes_per_example"]
     assert 0 < rows["float16"]["max_abs_error"] < 0.01 * rows["float16"]["max_abs_value"]
     assert (tmp_path / "trunk_size.png").stat().st_size > 5_000
+
