@@ -137,10 +137,11 @@ def _clean(obj: Any) -> Any:
 
 
 def write_json(out: Path, name: str, data: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(_clean(data), indent=2, default=str))
-    return path
+    """Atomically (s3t_ops/files.py): the resumable benchmarks reread this file, so a kill while it is
+    written must leave the previous results whole, not half a JSON."""
+    from s3t_ops.files import write_text
+
+    return write_text(out / f"{name}.json", json.dumps(_clean(data), indent=2, default=str))
 
 
 def val_test_logits(system) -> list:

@@ -165,3 +165,22 @@ def test_trunk_size_quick_compares_layouts(tmp_path, tiny_backbone_dir):
     assert 0 < rows["float16"]["max_abs_error"] < 0.01 * rows["float16"]["max_abs_value"]
     assert (tmp_path / "trunk_size.png").stat().st_size > 5_000
 
+
+def test_results_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The resumable benchmarks reread their JSON: a write cut short (a kill, a full disk) keeps the old results."""
+    from pathlib import Path
+
+    from benchmarks.common import write_json
+
+    path = write_json(tmp_path, "bench", {"runs": {"0": 1}})
+    before = path.read_text()
+
+    def half_then_fail(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json(tmp_path, "bench", {"runs": {"0": 1, "1": 2}})
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["bench.json"]
