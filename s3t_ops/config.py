@@ -11,9 +11,13 @@ from typing import Any
 from s3t_ops.sequences import SELECTIONS
 
 TRUNK_DTYPES = ("float32", "float16", "bfloat16")
+# what a stage trains (docs/algorithm.md, "Stage models"): "layered" = S3T's top-down stages (stage k adapts the top k
+# groups, the groups below stay the frozen backbone); "full_depth" = every stage adapts every group, warm-started from
+# the stage before it (SISA's slice checkpoints along S3T's sequences; with B = 1 it is classic SISA)
+STAGE_MODELS = ("layered", "full_depth")
 # fields added after the first release, with the behaviour states saved without them were trained with
 LEGACY_FIELDS: dict[str, Any] = {"frozen_blocks": 0, "warm_start_head": True, "refine_groups": False, "trunk_dtype": "float32",
-                                 "storage_url": None}
+                                 "storage_url": None, "stage_model": "layered"}
 
 
 class ConfigError(ValueError):
@@ -42,6 +46,7 @@ class S3TConfig:
     frozen_blocks: int = 0  # lowest blocks never adapted: one cached trunk below every group
     warm_start_head: bool = True  # stage k's head starts from stage k-1's (its data is a prefix of stage k's)
     refine_groups: bool = True  # stage k also keeps training groups 1..k-1 (from stage k-1's) on its prefix
+    stage_model: str = "layered"  # STAGE_MODELS above; full_depth ignores refine_groups (every group always trains)
     trunk_dtype: str = "float32"  # how cached hidden states are stored (float16 halves the cache; read as float32)
     epochs: int = 2
     batch_size: int = 32
@@ -94,6 +99,8 @@ class S3TConfig:
                 raise ConfigError("deletion_prior", "probabilities must lie in [0, 1]")
         if not isinstance(self.frozen_blocks, int) or isinstance(self.frozen_blocks, bool) or self.frozen_blocks < 0:
             raise ConfigError("frozen_blocks", f"must be a non-negative integer, got {self.frozen_blocks!r}")
+        if self.stage_model not in STAGE_MODELS:
+            raise ConfigError("stage_model", f"must be one of {', '.join(STAGE_MODELS)}, got {self.stage_model!r}")
         if self.trunk_dtype not in TRUNK_DTYPES:
             raise ConfigError("trunk_dtype", f"must be one of {', '.join(TRUNK_DTYPES)}, got {self.trunk_dtype!r}")
         for name in ("warm_start_head", "refine_groups"):
@@ -125,6 +132,12 @@ class S3TConfig:
             raise ConfigError("frozen_blocks", f"{self.frozen_blocks} frozen blocks leave {n_blocks - self.frozen_blocks} of the "
                                                f"backbone's {n_blocks} for L={self.slices} groups; freeze fewer")
 
+    def active_groups(self, stage: int) -> int:
+        """Groups (from the top) a model of depth `stage` runs with adapters on: the top `stage` ones for
+        layered stages, every group for full-depth stages. Training and serving start from the trunk at
+        the first block of the lowest of them."""
+        return self.slices if self.stage_model == "full_depth" else stage
+
     def check_examples(self, n_train: int) -> None:
         """Every slice must be able to hold at least one example."""
         cells = self.shards * self.slices
@@ -144,6 +157,9 @@ class S3TConfig:
             values["refine_groups"] = True
         if self.trunk_dtype != "float32":
             values["trunk_dtype"] = self.trunk_dtype
+        if self.stage_model != "layered":
+            values["stage_model"] = self.stage_model
+            values.pop("refine_groups", None)  # implied: a full-depth stage trains every group
         payload = json.dumps(values, sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

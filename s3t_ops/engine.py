@@ -93,6 +93,7 @@ class TrainReport:
     reused: int = 0
     discarded: int = 0  # trained on data deleted meanwhile: never recorded
     skipped: int = 0  # found stale before training (a deletion came in): recomputed
+    deferred: int = 0  # stale (shard, sequence) chains the retraining policy left for a later run
     grad_example_steps: int = 0
     seconds: float = 0.0
 
@@ -140,6 +141,10 @@ class S3T:
 
     def __init__(self, cfg: S3TConfig, backbone: "Backbone | None" = None, progress: bool = True,
                  publisher: Publisher | None = None):
+        if backbone is not None and backbone.cfg.training_fingerprint() != cfg.training_fingerprint():
+            # stages read the stage model and hyper-parameters from the backbone's config: another config's
+            # backbone would train other stages under this state's keys
+            raise StateError(f"the backbone given was built for another config than the state in {cfg.state_dir}")
         self.cfg = cfg
         self.root = Path(cfg.state_dir)
         self.ledger = Ledger(self.root / "ledger.duckdb")
@@ -460,15 +465,42 @@ class S3T:
         self.publisher.stage_trained(self, row)
         return row
 
-    def train(self) -> TrainReport:
-        """Train every missing stage (unchanged prefixes keep their checkpoints). A stage whose data was
-        deleted while it trained is discarded and the new version trained instead; deletions are marked
-        retrained only once no stage awaits retraining."""
+    def stale_chains(self, versions=None, rows=None) -> dict[tuple[int, int], list[StageSpec]]:
+        """(shard, sequence) -> its stages without an intact checkpoint under the current data, stage by stage
+        (a stage shared by two sequences' prefixes is listed in both)."""
+        rows = self.checkpoint_rows() if rows is None else rows
+        out: dict[tuple[int, int], list[StageSpec]] = {}
+        for spec in self.stage_specs(versions):
+            if not self._intact(spec.key, rows):
+                out.setdefault((spec.shard, spec.seq), []).append(spec)
+        return out
+
+    def chain_costs(self, chains: dict[tuple[int, int], list[StageSpec]]) -> dict[tuple[int, int], int]:
+        """Example-steps to retrain each chain: live examples of every stage's prefix times the epochs."""
+        counts = self.ledger.slice_counts().set_index(["shard", "slice"])["n_live"].to_dict()
+        return {c: sum(sum(int(counts.get((s.shard, j), 0)) for j in s.prefix) * self.cfg.epochs for s in specs)
+                for c, specs in chains.items()}
+
+    def train(self, policy: str = "all", budget: int | None = None) -> TrainReport:
+        """Train the missing stages of the chains the retraining `policy` picks (s3t_ops/policy.py; `all`: every
+        missing stage; unchanged prefixes keep their checkpoints), within `budget` example-steps if given.
+        A stage whose data was deleted while it trained is discarded and the new version trained instead;
+        deletions are marked retrained only once no stage awaits retraining."""
+        from s3t_ops.policy import select_chains
+
         t0 = time.perf_counter()
         report = TrainReport()
         report.reused = len({s.key for s in self.stage_specs()}) - len(self.missing_stages())
+        chains = self.stale_chains()
+        chosen = set(select_chains(self.chain_costs(chains), policy, budget))
+        report.deferred = len(chains) - len(chosen)
         for _round in range(5):
-            todo = self.missing_stages()
+            todo, seen = [], set()
+            for (s, q), specs in self.stale_chains().items():
+                if (s, q) in chosen:
+                    todo += [x for x in specs if x.key not in seen]
+                    seen.update(x.key for x in specs)
+            todo.sort(key=lambda x: (x.stage, x.shard, x.seq))
             if not todo:
                 break
             counts = self.ledger.slice_counts().set_index(["shard", "slice"])["n_live"].to_dict()
@@ -507,10 +539,10 @@ class S3T:
         return row, False
 
     # --- lifecycle: fit / retrain -------------------------------------------------------------
-    def fit(self) -> TrainReport:
-        """Cache the trunk, train every missing stage, serve and publish the plan."""
+    def fit(self, policy: str = "all", budget: int | None = None) -> TrainReport:
+        """Cache the trunk, train the missing stages the policy picks (all by default), serve and publish the plan."""
         self.build_trunk()
-        report = self.train()
+        report = self.train(policy, budget)
         self.serve()
         return report
 

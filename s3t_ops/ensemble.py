@@ -33,7 +33,7 @@ class Ensemble:
         if len(sm.states) != sm.depth:
             raise ValueError(f"shard {sm.shard}: depth {sm.depth} but {len(sm.states)} checkpoints")
         load_prefix(self.backbone, sm.states)
-        self.backbone.activate(sm.depth)
+        self.backbone.activate(self.backbone.cfg.active_groups(sm.depth))
         head = nn.Linear(self.backbone.hidden_size, self.num_labels)
         head.load_state_dict(split_state(sm.states[-1])[1])
         head.eval()
@@ -44,7 +44,7 @@ class Ensemble:
         out = {}
         for sm in self.models:
             head = self._activate(sm)
-            out[sm.shard] = depth_logits(self.backbone, head, trunk, rows, sm.depth, batch_size)
+            out[sm.shard] = depth_logits(self.backbone, head, trunk, rows, self.backbone.cfg.active_groups(sm.depth), batch_size)
         return out
 
     def logits_from_trunk(self, trunk: TrunkCache, rows: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
@@ -52,7 +52,7 @@ class Ensemble:
 
     def shard_logits(self, texts: Sequence[str], batch_size: int = 256) -> dict[int, torch.Tensor]:
         """Shared trunk: the frozen pass runs once, only up to the deepest block any shard needs."""
-        blocks = sorted({self.backbone.layout.start_block(sm.depth) for sm in self.models})
+        blocks = sorted({self.backbone.layout.start_block(self.backbone.cfg.active_groups(sm.depth)) for sm in self.models})
         input_ids, mask = self.backbone.tokenize(list(texts))
         hidden: dict[int, list[torch.Tensor]] = {b: [] for b in blocks}
         for i in range(0, len(input_ids), batch_size):

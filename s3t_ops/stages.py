@@ -36,6 +36,11 @@ def epoch_order(ids: Sequence[str], seed: int, epoch: int) -> list[int]:
     return sorted(range(len(ids)), key=keys.__getitem__)
 
 
+def group_seed(seed: int, group: int) -> int:
+    """The seed of group `group`'s fresh LoRA in a full-depth stage 1 seeded `seed` (one stream per group)."""
+    return int(hashlib.sha256(f"group|{seed}|{group}".encode()).hexdigest()[:8], 16) % (2**31)
+
+
 def load_prefix(backbone: Backbone, parents: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
     """Load groups 1..k-1 from their stage checkpoints, in order (a stage that refined the groups above it
     overrides them); returns the last head (or None)."""
@@ -48,7 +53,7 @@ def load_prefix(backbone: Backbone, parents: Sequence[dict[str, torch.Tensor]]) 
 
 
 def depth_logits(backbone: Backbone, head: nn.Module, trunk: TrunkCache, rows: torch.Tensor, depth: int, batch_size: int) -> torch.Tensor:
-    """Logits of a depth-k model (adapters already loaded and active) on cached trunk rows."""
+    """Logits of a model running the top `depth` groups (adapters already loaded and active) on cached trunk rows."""
     start = backbone.layout.start_block(depth)
     out = []
     with torch.no_grad():
@@ -70,11 +75,13 @@ def train_stage(
     val: tuple[TrunkCache, torch.Tensor] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> StageResult:
-    """Train group k with groups 1..k-1 frozen (from `parents`) and groups below k untrained."""
+    """Train stage k: layered, group k (groups 1..k-1 from `parents`, refined or frozen; groups below k untrained);
+    full-depth, every group, continued from stage k-1's (fresh at stage 1)."""
     if len(train_ids) == 0:
         raise ValueError(f"stage {k} has no training examples")
     t0 = time.perf_counter()
-    start = backbone.layout.start_block(k)
+    span = backbone.cfg.active_groups(k)
+    start = backbone.layout.start_block(span)
     rows = trunk.rows(train_ids)
 
     def features(idx: torch.Tensor) -> torch.Tensor:  # the frozen part comes from the trunk cache
@@ -84,7 +91,7 @@ def train_stage(
     result, head = fit_group(backbone, train_ids, labels, k, parents, seed, num_labels, features, on_batch)
     if val is not None and len(val[0]) > 0:
         vtrunk, vlabels = val
-        logits = depth_logits(backbone, head, vtrunk, torch.arange(len(vtrunk)), k, max(backbone.cfg.batch_size, 128))
+        logits = depth_logits(backbone, head, vtrunk, torch.arange(len(vtrunk)), span, max(backbone.cfg.batch_size, 128))
         result.val_acc = float((logits.argmax(-1) == vlabels).float().mean())
     result.seconds = time.perf_counter() - t0
     return result
@@ -109,15 +116,22 @@ def fit_group(
     if len(parents) != k - 1:
         raise ValueError(f"stage {k} needs {k - 1} parent checkpoints, got {len(parents)}")
     cfg = backbone.cfg
+    full = cfg.stage_model == "full_depth"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         parent_head = load_prefix(backbone, parents)
-        backbone.reset_group(k, seed)
-        backbone.activate(k)
+        if full:  # every group: fresh at stage 1, else continued from stage k-1 (loaded above)
+            trained = list(range(1, cfg.slices + 1))
+            if k == 1:
+                for g in trained:
+                    backbone.reset_group(g, group_seed(seed, g))
+        else:  # refine: groups 1..k-1 keep learning on the prefix
+            backbone.reset_group(k, seed)
+            trained = list(range(1, k + 1)) if cfg.refine_groups else [k]
+        backbone.activate(cfg.active_groups(k))
         head = new_head(backbone.hidden_size, num_labels, seed)
         if parent_head is not None and cfg.warm_start_head:
             head.load_state_dict(parent_head)
-        trained = list(range(1, k + 1)) if cfg.refine_groups else [k]  # refine: groups 1..k-1 keep learning on the prefix
         params = [p for g in trained for p in backbone.group_parameters(g)]
         for p in params:
             p.requires_grad_(True)
@@ -152,7 +166,7 @@ def fit_group(
             for p in params:
                 p.requires_grad_(False)
         head_state = {n: t.detach().clone() for n, t in head.state_dict().items()}
-        if cfg.refine_groups:
+        if full or cfg.refine_groups:
             result.state = join_groups({g: backbone.group_state(g) for g in trained}, head_state)
         else:
             result.state = join_state(backbone.group_state(k), head_state)

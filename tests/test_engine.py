@@ -383,7 +383,8 @@ def test_empty_slices_are_a_config_error_and_leave_no_state(tiny_config, toy_csv
 
 
 @pytest.mark.parametrize("changes", [{}, {"refine_groups": False, "lora_targets": ("query", "value")}, {"frozen_blocks": 2},
-                                     {"warm_start_head": False}, {"trunk_dtype": "float16"}])
+                                     {"warm_start_head": False}, {"trunk_dtype": "float16"},
+                                     {"stage_model": "full_depth"}])
 def test_stage_model_levers_keep_retraining_bitwise_equal_to_scratch(tmp_path, tiny_backbone_dir, changes):
     """Every stage-model lever the ablation tries keeps exactness: retrain after forget == scratch on D minus x."""
     raw = toy_frame(60)
@@ -403,7 +404,10 @@ def test_stage_model_levers_keep_retraining_bitwise_equal_to_scratch(tmp_path, t
     assert ours == theirs
     for key in ours.values():
         assert eng.store.path(key).read_bytes() == scratch.store.path(key).read_bytes()
-    if changes.get("refine_groups", True):  # a refined stage (the default) holds every group above it too
+    if changes.get("stage_model") == "full_depth":  # a full-depth stage holds every group, stage 1 included
+        first = eng.load_checkpoint(ours[(0, 0, 1)])
+        assert any(k.startswith("lora.g1.") for k in first) and any(k.startswith("lora.g2.") for k in first)
+    elif changes.get("refine_groups", True):  # a refined stage (the default) holds every group above it too
         top = eng.load_checkpoint(ours[(0, 0, 2)])
         assert any(k.startswith("lora.g1.") for k in top) and any(k.startswith("lora.g2.") for k in top)
     assert eng.evaluate("test") == scratch.evaluate("test")

@@ -12,7 +12,7 @@ from s3t_ops.baselines.naive import train_stage_naive
 from s3t_ops.baselines.per_shard import PerShardLoRA
 from s3t_ops.baselines.retrain import FullRetrain
 from s3t_ops.baselines.s3t import S3TSystem, S3TView
-from s3t_ops.baselines.sisa import SISA
+from s3t_ops.baselines.sisa import SISA, SISAReplicas
 
-__all__ = ["AGGREGATIONS", "FitReport", "ForgetCost", "FullRetrain", "PerShardLoRA", "S3TSystem", "S3TView", "SISA", "SharedData",
+__all__ = ["AGGREGATIONS", "FitReport", "ForgetCost", "FullRetrain", "PerShardLoRA", "S3TSystem", "S3TView", "SISA", "SISAReplicas", "SharedData",
            "UnlearningSystem", "aggregate", "full_logits", "train_full_lora", "train_stage_naive"]

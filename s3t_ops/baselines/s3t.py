@@ -72,10 +72,15 @@ class S3TSystem(UnlearningSystem):
                           details={"erase_seconds": rep.erase_seconds, "purged_checkpoints": rep.purged_checkpoints,
                                    "planner_seconds": planner_s})
 
-    def retrain_pending(self) -> ForgetCost:
-        """Retrain the stale stages now (a nightly schedule): background work, nothing on the request path."""
+    def pending_costs(self) -> dict[tuple[int, int], int]:
+        """(shard, sequence) -> example-steps to bring that stale chain back to full depth."""
+        return self.engine.chain_costs(self.engine.stale_chains())
+
+    def retrain_pending(self, budget: int | None = None, policy: str = "all") -> ForgetCost:
+        """Retrain stale stages now (a nightly schedule): background work, nothing on the request path. The
+        engine's retraining `policy` and `budget` (example-steps) pick which chains (s3t_ops/policy.py)."""
         t0 = time.perf_counter()
-        tr = self.engine.retrain()
+        tr = self.engine.retrain(policy, budget)
         self._pending = 0
         self._dirty.clear()
         return ForgetCost(0.0, 0, time.perf_counter() - t0, tr.grad_example_steps, len(tr.trained))

@@ -12,6 +12,10 @@ Two model parameterisations:
   S3T run with budget B = 1 (identity order) that retrains at once instead of switching prefixes,
   and its checkpoints are exactly those of S3T's identity sequence (same seeds and data order).
 
+`order` places the slices (default: index order); a prior-aware SISA puts the slices most likely to be deleted
+last (benchmarks/headline.py, skewed workload). `replica` r > 0 draws other seeds for the same data: B replicas
+averaged (`SISAReplicas`) spend S3T's B-sequence training compute on SISA, the equal-compute control.
+
 `retrain=False` gives SISA without retraining, for accuracy-vs-deletions curves: a deletion in slice
 r drops checkpoints r..L and the shard serves checkpoint r-1 (`fallback="prefix"`) or dies at once
 (`fallback="kill"`, the textbook m*H(m) deletion rate). Aggregation: averaged logits as in S3T
@@ -37,7 +41,8 @@ FALLBACKS = ("prefix", "kill")
 
 class SISA(UnlearningSystem):
     def __init__(self, data: SharedData, retrain: bool = True, model: str = "full", aggregation: str = "mean",
-                 fallback: str = "prefix", name: str | None = None, on_batch=None):
+                 fallback: str = "prefix", name: str | None = None, on_batch=None, order: tuple[int, ...] | None = None,
+                 replica: int = 0):
         if model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
         if aggregation not in AGGREGATIONS:
@@ -53,7 +58,12 @@ class SISA(UnlearningSystem):
         self.on_batch = on_batch
         self.live: set[str] = set(data.cells)
         L, m = data.slices, data.shards
-        self.order = tuple(range(L))  # one sequence: slices in index order
+        self.order = tuple(range(L)) if order is None else tuple(order)  # one sequence: slices in this order
+        if sorted(self.order) != list(range(L)):
+            raise ValueError(f"order must be a permutation of the {L} slices, got {self.order}")
+        if model == "stages" and (self.order != tuple(range(L)) or replica):
+            raise ValueError("the stages model is S3T's identity sequence: no other order or replica")
+        self.replica = replica
         self.ckpts: list[list[dict | None]] = [[None] * L for _ in range(m)]
         self.depth = [0] * m
         self._version = [0] * m
@@ -95,8 +105,8 @@ class SISA(UnlearningSystem):
             labels = d.label_tensor(ids)
             if self.model == "full":
                 init = self.ckpts[shard][t - 2] if t > 1 else None
-                res = train_full_lora(d.backbone, d.train, ids, labels, derive_seed(d.cfg.seed, "sisa", shard, t),
-                                      d.num_labels, init=init, on_batch=self.on_batch)
+                seed = derive_seed(d.cfg.seed, "sisa", shard, t, *(("replica", self.replica) if self.replica else ()))
+                res = train_full_lora(d.backbone, d.train, ids, labels, seed, d.num_labels, init=init, on_batch=self.on_batch)
             else:
                 parents = self.ckpts[shard][: t - 1]
                 res = train_stage(d.backbone, d.train, ids, labels, t, parents, stage_seed(d.cfg.seed, shard, prefix),
@@ -140,16 +150,31 @@ class SISA(UnlearningSystem):
                     self._version[s] += 1
         return ForgetCost(time.perf_counter() - t0, steps, retrained=trained)
 
-    def retrain_pending(self) -> ForgetCost:
+    def pending_costs(self) -> dict[int, int]:
+        """Shard -> example-steps to retrain it from its fallback checkpoint (shards serving full depth: absent)."""
+        d = self.data
+        out = {}
+        for s in range(d.shards):
+            if self.depth[s] < d.slices:
+                out[s] = sum(len(d.ids_in(self.live, s, self.order[:t])) * d.cfg.epochs
+                             for t in range(self.depth[s] + 1, d.slices + 1))
+        return out
+
+    def retrain_pending(self, budget: int | None = None) -> ForgetCost:
         """Retrain every shard serving a fallback checkpoint from it (a nightly schedule for SISA without
-        retraining on the request path): background work, the requests were honoured by the fallback."""
+        retraining on the request path): background work, the requests were honoured by the fallback.
+        `budget` (example-steps): shards are retrained cheapest first while they fit."""
         t0 = time.perf_counter()
         steps = trained = 0
-        for s in range(self.data.shards):
-            if self.depth[s] < self.data.slices:
-                n_steps, n = self._train_from(s, self.depth[s] + 1)
-                steps += n_steps
-                trained += n
+        left = budget
+        for cost, s in sorted((c, s) for s, c in self.pending_costs().items()):
+            if left is not None:
+                if cost > left:
+                    continue
+                left -= cost
+            n_steps, n = self._train_from(s, self.depth[s] + 1)
+            steps += n_steps
+            trained += n
         return ForgetCost(0.0, 0, time.perf_counter() - t0, steps, trained)
 
     # --- serving ----------------------------------------------------------------------------
@@ -171,3 +196,72 @@ class SISA(UnlearningSystem):
                     self.data.backbone, [ShardModel(s, dep, states)], self.data.num_labels).shard_logits_from_trunk(trunk)[s]
             out[s] = self._cache.get(split, s, (self._version[s], dep), compute)
         return out
+
+
+class SISAReplicas(UnlearningSystem):
+    """B independent SISA replicas per shard (other seeds, same shards, slices and order), logits averaged over
+    all m x B models: SISA given the training compute of S3T's B sequences (the equal-compute control). Replica 0
+    is classic SISA itself (`replicas[0]`, same seeds), so one fit serves both."""
+
+    def __init__(self, data: SharedData, n: int, name: str | None = None, order: tuple[int, ...] | None = None, on_batch=None):
+        if n < 1:
+            raise ValueError(f"replicas must be >= 1, got {n}")
+        self.data = data
+        self.name = name or f"SISA x{n} replicas"
+        self.replicas = [SISA(data, retrain=False, model="full", order=order, replica=r, on_batch=on_batch) for r in range(n)]
+
+    @property
+    def on_batch(self):
+        return self.replicas[0].on_batch
+
+    @on_batch.setter
+    def on_batch(self, fn) -> None:
+        for r in self.replicas:
+            r.on_batch = fn
+
+    def fit(self) -> FitReport:
+        out = FitReport()
+        for r in self.replicas:
+            rep = r.fit()
+            out.seconds += rep.seconds
+            out.grad_example_steps += rep.grad_example_steps
+            out.models += rep.models
+        return out
+
+    def clone(self) -> "SISAReplicas":
+        other = copy.copy(self)
+        other.replicas = [r.clone(retrain=False) for r in self.replicas]
+        return other
+
+    def forget(self, ids: Iterable[str]) -> ForgetCost:
+        ids = list(ids)
+        costs = [r.forget(ids) for r in self.replicas]
+        return ForgetCost(sum(c.seconds for c in costs), sum(c.grad_example_steps for c in costs))
+
+    def pending_costs(self) -> dict[tuple[int, int], int]:
+        return {(r, s): c for r, rep in enumerate(self.replicas) for s, c in rep.pending_costs().items()}
+
+    def retrain_pending(self, budget: int | None = None) -> ForgetCost:
+        """Replica by replica (replica 0 first), each shard cheapest first, within `budget` example-steps."""
+        t0 = time.perf_counter()
+        steps = trained = 0
+        for rep in self.replicas:
+            left = None if budget is None else budget - steps
+            cost = rep.retrain_pending(left)
+            steps += cost.background_grad_example_steps
+            trained += cost.retrained
+        return ForgetCost(0.0, 0, time.perf_counter() - t0, steps, trained)
+
+    def depths(self) -> dict[int, int]:
+        """Deepest checkpoint any replica of the shard serves."""
+        return {s: max(r.depth[s] for r in self.replicas) for s in range(self.data.shards)}
+
+    def shard_logits(self, split: str) -> dict[int, torch.Tensor]:
+        """Per shard: the mean of its live replicas' logits (equal weight for every live model overall)."""
+        per: dict[int, list[torch.Tensor]] = {}
+        for r in self.replicas:
+            for s, lg in r.shard_logits(split).items():
+                per.setdefault(s, []).append(lg)
+        # the ensemble mean over shards of per-shard means weights every model equally only when every shard has
+        # the same number of live replicas; replicas share order and slices, so they fall back together
+        return {s: torch.stack(v).mean(0) for s, v in per.items()}

@@ -133,12 +133,13 @@ def inventory_scores(engine: "S3T", stratify: bool = True, batch_size: int = 256
         if len(chain) != int(row["stage"]):
             continue  # an ancestor was purged: this checkpoint cannot be run
         states = [engine.store.load(c, live[c]["sha256"]) for c in reversed(chain)]
+        span = engine.cfg.active_groups(len(states))
         load_prefix(backbone, states)
-        backbone.activate(len(states))
+        backbone.activate(span)
         head = torch.nn.Linear(backbone.hidden_size, len(engine.label_names))
         head.load_state_dict(split_state(states[-1])[1])
         head.eval()
-        logits = depth_logits(backbone, head, trunk, rows, len(states), batch_size)
+        logits = depth_logits(backbone, head, trunk, rows, span, batch_size)
         correct.append((logits.argmax(-1) == labels).numpy())
         lineage = engine.ledger.lineage(key)  # keyed tombstones of the examples it saw
         seen.append(np.array([t in lineage for t in tombs]))
