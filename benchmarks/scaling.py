@@ -194,8 +194,6 @@ def flow(spec: dict) -> dict:
     slice_keys = defs.resolve_assets_def("slice_data").partitions_def.get_partition_keys()
     timed("ingest", lambda: execute("ingest", ["examples"], run_config={"ops": {"examples": {"config": {"source": spec["source"]}}}}))
     timed("slice_data", lambda: execute("slice_data", ["slice_data"], {RANGE_START: slice_keys[0], RANGE_END: slice_keys[-1]}))
-    with _own_tracking_uri():  # create the MLflow store once: parallel steps racing on a fresh SQLite store's migration fail
-        defs.resources["mlflow"].tracker(state)
     parallel = max(1, spec.get("parallel") or len(stage_keys))
     runners = ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn"))
     list(runners.map(_warm_runner, [1.0] * parallel))

@@ -2,9 +2,12 @@
 
 - `slice_data_holds_no_deleted_id`: erasure reached every slice file and trunk cache;
 - `exactness_audit` (blocking): no checkpoint of the served plan was trained on a deleted example;
-- `stage_k_is_current`, one per stage asset: no partition awaits retraining; after a deletion it fails
-  (a warning) and lists the stale (shard, sequence) partitions, so the graph shows which stages a
-  deletion staled and why; it passes again when they retrain.
+- `stage_k_is_current`, one per stage asset: no partition awaits retraining. After a deletion it fails at ERROR
+  severity and lists the stale (shard, sequence) partitions in its description and metadata: Dagster's graph
+  does not show the staleness of partitioned assets (dagster-io/dagster#22553), but it turns a card red for a
+  failed ERROR check, so the stages a deletion staled are visible where users look. Every run that
+  materializes stage partitions evaluates it again (checks ride along with their asset), and so does the
+  `serve` run the deletion sensor starts, so it passes again once they have retrained.
 """
 
 import dagster as dg
@@ -39,11 +42,12 @@ def exactness_audit(s3t: S3TResource) -> dg.AssetCheckResult:
 def build_stage_checks(L: int) -> list[dg.AssetChecksDefinition]:
     def make(k: int) -> dg.AssetChecksDefinition:
         @dg.asset_check(asset=f"stage_{k}", name=f"stage_{k}_is_current",
-                        description=f"No partition of stage_{k} awaits retraining (a deletion in one of its slices stales it).")
+                        description=f"No partition of stage_{k} awaits retraining (a deletion in one of its slices stales it; "
+                                    "failed = the partitions listed serve no more until they retrain).")
         def _check(s3t: S3TResource) -> dg.AssetCheckResult:
             stale = s3t.engine(load_backbone=False, repair=False).stale_partitions()[k]
             keys = sorted(str(S3TPartitions.stage_partition(s, q)) for s, q in stale)
-            return dg.AssetCheckResult(passed=not stale, severity=dg.AssetCheckSeverity.WARN,
+            return dg.AssetCheckResult(passed=not stale, severity=dg.AssetCheckSeverity.ERROR,
                                        description=("every partition is current" if not stale else
                                                     f"{len(stale)} partition(s) await retraining: {', '.join(keys)}"),
                                        metadata={"stale_partitions": dg.MetadataValue.json(keys), "n_stale": len(stale)})

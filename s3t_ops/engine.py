@@ -31,10 +31,11 @@ import pandas as pd
 
 from s3t_ops.checkpoints import CheckpointStore, IntegrityError, root_key, stage_key, stage_seed
 from s3t_ops.config import ConfigError, S3TConfig
+from s3t_ops.datafiles import DataFiles
 from s3t_ops.faults import crash_point
 from s3t_ops.files import write_json
 from s3t_ops.ledger import Ledger, LedgerError, now
-from s3t_ops.partition import assign, slice_version
+from s3t_ops.partition import assign
 from s3t_ops.planner import ServingPlan, serving_plan
 from s3t_ops.publish import Publisher, default_publisher, settings_from_env
 from s3t_ops.sequences import select_sequences
@@ -117,6 +118,7 @@ class ForgetReport:
 @dataclass
 class RepairReport:
     actions: list[str] = field(default_factory=list)
+    registry_error: str | None = None  # the registry could not be reached: what waits for it is retried next time
 
     def __bool__(self) -> bool:
         return bool(self.actions)
@@ -124,6 +126,14 @@ class RepairReport:
 
 def _slice_file(shard: int, slc: int) -> str:
     return f"train-s{shard}-j{slc}.safetensors"
+
+
+def _slice_of(name: str) -> tuple[int, int] | None:
+    """(shard, slice) of a training slice's trunk file name; None for val/test."""
+    if not name.startswith("train-s"):
+        return None
+    s, j = name.removeprefix("train-s").removesuffix(".safetensors").split("-j")
+    return int(s), int(j)
 
 
 def trunk_file(name: str) -> str:
@@ -150,6 +160,7 @@ class S3T:
         self.ledger = Ledger(self.root / "ledger.duckdb")
         self.storage = Storage(cfg.storage_url or cfg.state_dir, scratch=Path(cfg.state_dir) / SCRATCH)
         self.store = CheckpointStore(self.storage)
+        self.data_files = DataFiles(self.storage, self.ledger)
         self._backbone = backbone
         self._trunks: dict[str, tuple[Hashable, "TrunkCache"]] = {}  # name -> (storage stamp, cache)
         self.progress = progress
@@ -164,16 +175,20 @@ class S3T:
     # --- lifecycle: create / open -------------------------------------------------------------
     @classmethod
     def create(cls, cfg: S3TConfig, source: str | Path | None = None, publisher: Publisher | None = None,
-               backbone: "Backbone | None" = None, progress: bool = True) -> "S3T":
-        """Ingest into a NEW state folder. The folder appears only when ingest succeeded: it is built
-        under a hidden sibling name and renamed into place, so a failure leaves nothing behind."""
+               backbone: "Backbone | None" = None, progress: bool = True, secret: bytes | None = None) -> "S3T":
+        """Ingest into a NEW state folder. The folder appears only when ingest succeeded: it is built under a
+        hidden sibling name and renamed into place, so a failure leaves nothing behind.
+
+        The folder may already hold what our own servers create in it before a state exists (an `mlflow ui`
+        started on `<state>/mlflow.db` first, as the README's order does): the state is then built beside it
+        and moved in, config.json last (a state is a folder with a config.json). `secret`: the tombstone key,
+        for a state that must share another's keyspace (tests comparing two states' keys); random otherwise."""
         from s3t_ops.model_dir import backbone_shape
 
         root = Path(cfg.state_dir)
         if root.is_file():
             raise StateError(f"--state {root} is a file, not a folder")
-        if root.exists() and any(root.iterdir()):
-            raise StateError(f"{root} already holds files; choose another --state folder or remove it")
+        server_files = _server_files(root)
         cfg.check_backbone(*backbone_shape(cfg))  # before anything is written
         if cfg.storage_url is not None:
             Storage(cfg.storage_url).check_empty()
@@ -188,11 +203,14 @@ class S3T:
         tmp.mkdir()
         try:
             engine = cls(cfg.replace(state_dir=tmp), backbone=backbone, progress=progress, publisher=publisher)
-            engine._ingest(source)
+            engine._ingest(source, root.resolve(), secret)
             crash_point("during_ingest")
-            if root.exists():
-                root.rmdir()  # empty: checked above
-            os.rename(tmp, root)
+            if not server_files:
+                if root.exists():
+                    root.rmdir()  # empty: checked above
+                os.rename(tmp, root)
+            else:
+                _move_in(tmp, root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -200,7 +218,7 @@ class S3T:
 
     @classmethod
     def open(cls, state_dir: str | Path, backbone: "Backbone | None" = None, progress: bool = True,
-             publisher: Publisher | None = None, repair: bool = True) -> "S3T":
+             publisher: Publisher | None = None, repair: bool = True, check_registry: bool = False) -> "S3T":
         """Open an existing state; first repair what a crash left (see `repair`)."""
         root = Path(state_dir)
         if root.is_file():
@@ -215,10 +233,61 @@ class S3T:
         data["state_dir"] = str(root)
         engine = cls(S3TConfig.from_dict(data), backbone, progress, publisher)
         engine.ledger.check()  # a damaged ledger is reported before anything writes to it
+        engine._migrate()
+        engine._reroot()
         engine.publisher  # resolve the registry now: a misconfiguration fails before any write
         if repair:
-            engine.last_repair = engine.repair()
+            engine.last_repair = engine.repair(check_registry)
         return engine
+
+    def _migrate(self) -> None:
+        """Bring an older ledger up to date (ledger.py MIGRATABLE), then finish renaming checkpoint files to the
+        keys it re-derived (a crash between the two is finished here on the next open)."""
+        from s3t_ops.ledger import MIGRATABLE
+
+        if self.ledger.schema_version in MIGRATABLE:
+            n_labels = len(self.label_names)
+            with self.ledger.locked():
+                self.ledger.migrate_v2(lambda s: root_key(self.cfg.training_fingerprint(), self.backbone_fingerprint(), s, n_labels),
+                                       stage_key, self.data_files.hashes_on_disk)
+        if self.ledger.get_meta("state_id") is None:
+            import uuid
+
+            self.ledger.set_meta("state_id", uuid.uuid4().hex)
+        pending = self.ledger.get_meta("pending_renames")
+        if pending:
+            with self.ledger.locked():
+                for old, new in pending.items():
+                    self.store.rename(old, new)
+                self.ledger.set_meta("pending_renames", None)
+
+    def _reroot(self) -> None:
+        """A state moved or copied to another folder: the paths its own MLflow store recorded are rewritten to the
+        folder it is in now (s3t_ops/mlflow_db.py), so it erases and publishes only inside itself. A copy that
+        publishes to a shared store, beside an original that still exists, gets an id of its own: publishing under
+        the original's model name is then refused instead of mixing two states' versions. Nothing is written when
+        nothing moved."""
+        from s3t_ops import mlflow_db
+
+        here = str(self.root.resolve())
+        settings = self.ledger.get_meta("registry") or {}
+        if settings.get("kind") != "mlflow":
+            return
+        if not settings.get("tracking_uri"):
+            db = self.root / "mlflow.db"
+            before = mlflow_db.recorded_root(db, settings.get("experiment") or "s3t")
+            if before not in (None, here):
+                with self.ledger.locked():
+                    mlflow_db.reroot(db, before, here)
+            return
+        recorded = self.ledger.get_meta("root")
+        if recorded not in (None, here):
+            with self.ledger.locked():
+                if (Path(recorded) / CONFIG_FILE).is_file():  # the original is still there: this is a copy
+                    import uuid
+
+                    self.ledger.set_meta("state_id", uuid.uuid4().hex)
+                self.ledger.set_meta("root", here)
 
     @classmethod
     def open_or_create(cls, cfg: S3TConfig, source: str | Path | None = None, **kwargs) -> "S3T":
@@ -252,8 +321,11 @@ class S3T:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, leave=False, dynamic_ncols=True)
 
     # --- ingest -----------------------------------------------------------------------------
-    def _ingest(self, source: str | Path | None) -> dict[str, int]:
-        """Read the source, assign (shard, slice), write the ledger, the tombstone key and config.json."""
+    def _ingest(self, source: str | Path | None, final_root: Path, secret: bytes | None = None) -> dict[str, int]:
+        """Read the source, assign (shard, slice), write the ledger, the tombstone key, the registry's store and
+        config.json (into this engine's folder, which becomes `final_root`)."""
+        import uuid
+
         from s3t_ops.data import build_dataset, load_source
 
         ds = build_dataset(load_source(source), self.cfg.n_train, self.cfg.n_val, self.cfg.n_test, self.cfg.seed)
@@ -268,12 +340,19 @@ class S3T:
             (int(a), int(b)) for a, b in zip(frame["shard"].dropna(), frame["slice"].dropna())}
         if empty:
             raise ConfigError("shards", f"{len(empty)} slice(s) would be empty with {n_train} training examples; use fewer shards or slices")
-        self.ledger._keyring = Keyring.create(self.root)
+        self.ledger._keyring = Keyring.create(self.root, secret)
         self.ledger.create()
         self.ledger.add_examples(frame)
         self.ledger.set_meta("label_names", list(ds.label_names))
         self.ledger.set_meta("source", str(source or "tweets"))
-        self.ledger.set_meta("registry", self._publisher.describe() if self._publisher is not None else settings_from_env())
+        state_id = uuid.uuid4().hex
+        self.ledger.set_meta("state_id", state_id)
+        self.ledger.set_meta("root", str(final_root))
+        registry = self._publisher.describe() if self._publisher is not None else settings_from_env()
+        self.ledger.set_meta("registry", registry)
+        if self._publisher is not None and hasattr(self._publisher, "state_id"):
+            self._publisher.state_id = state_id
+        prepare_registry(registry, self.root, final_root, state_id)
         write_json(self.root / CONFIG_FILE, {k: v for k, v in self.cfg.to_dict().items() if k != "state_dir"})
         return {k: int(v) for k, v in frame["split"].value_counts().items()}
 
@@ -314,16 +393,18 @@ class S3T:
         if eval_splits:
             for split in ("val", "test"):
                 todo.append((f"{split}.safetensors", self.ledger.examples(split)))
-        todo = [(n, p) for n, p in todo if not self.storage.exists(trunk_file(n))]
+        todo = [(n, p) for n, p in todo if not self.data_files.intact(trunk_file(n))]  # missing or damaged: (re)built
         total = sum(len(p) for _, p in todo)
         with self._bar(total, "trunk (frozen backbone, once per example)") as bar:
             for name, part in todo:
                 cache = compute_trunk(self.backbone, part["id"].tolist(), part["text"].tolist(), progress=bar.update)
-                cache.save(self.storage, trunk_file(name))
+                self.data_files.write(trunk_file(name), cache.to_bytes())
         return total
 
     def trunk(self, name: str) -> "TrunkCache":
-        """A cached trunk file, reloaded when erasure (maybe in another process) rewrote it."""
+        """A cached trunk file, reloaded when erasure (maybe in another process) rewrote it. A file that does not hold
+        the bytes the ledger recorded for it (damaged, or cut short by a crash) is rebuilt from the backbone first:
+        it is derived data, never read damaged."""
         from s3t_ops.trunk import TrunkCache
 
         rel = trunk_file(name)
@@ -332,6 +413,11 @@ class S3T:
             raise StateError(f"trunk cache {self.storage.location(rel)} is missing; run the trunk step first")
         hit = self._trunks.get(name)
         if hit is None or hit[0] != stamp:
+            if not self.data_files.intact(rel):
+                self.data_files.remove(rel)
+                cell = _slice_of(name)
+                self.build_trunk(slices=[cell] if cell else [], eval_splits=cell is None)
+                stamp = self.storage.stamp(rel)
             self._trunks[name] = (stamp, TrunkCache.load(self.storage, rel))
         return self._trunks[name][1]
 
@@ -344,8 +430,8 @@ class S3T:
         members = self.ledger.members(shard, slc)
         buf = io.BytesIO()
         members.to_parquet(buf, index=False)
-        location = self.storage.write_bytes(slice_parquet(shard, slc), buf.getvalue())
-        return {"shard": shard, "slice": slc, "version": slice_version(members["id"]), "n_live": len(members),
+        location = self.data_files.write(slice_parquet(shard, slc), buf.getvalue())
+        return {"shard": shard, "slice": slc, "version": self.ledger.keyring.slice_version(members["id"]), "n_live": len(members),
                 "path": location, "trunk_rows": len(self.slice_trunk(shard, slc)), "ids": set(members["id"])}
 
     # --- stages -----------------------------------------------------------------------------
@@ -430,12 +516,12 @@ class S3T:
         parts, ids, labels = [], [], []
         for j, version in zip(spec.prefix, spec.prefix_versions):
             members = self.ledger.members(spec.shard, j)
-            if slice_version(members["id"]) != version:
+            if self.ledger.keyring.slice_version(members["id"]) != version:
                 raise StaleStage(f"slice {j} of shard {spec.shard} changed (a deletion) after the stage was planned")
             try:
                 parts.append(self.slice_trunk(spec.shard, j).subset(members["id"].tolist()))
             except (KeyError, StateError):  # cache missing or behind the ledger: rebuild this slice
-                self.storage.remove(trunk_file(_slice_file(spec.shard, j)))
+                self.data_files.remove(trunk_file(_slice_file(spec.shard, j)))
                 self.build_trunk(slices=[(spec.shard, j)], eval_splits=False)
                 parts.append(self.slice_trunk(spec.shard, j).subset(members["id"].tolist()))
             ids += members["id"].tolist()
@@ -536,6 +622,7 @@ class S3T:
         if row is None:
             raise StateError(f"stage {stage} of shard {shard}, sequence {seq}: its data or parent changed while it trained "
                              "(a deletion); nothing was recorded, it will retrain")
+        self.ledger.mark_retrained(self._stale_in)  # the last stale stage of every door stamps the deletions retrained
         return row, False
 
     # --- lifecycle: fit / retrain -------------------------------------------------------------
@@ -576,18 +663,21 @@ class S3T:
     def current_plan(self, sequences: Iterable[int] | None = None) -> tuple[ServingPlan, dict[int, list[str]]]:
         return self.plan_for(self.ledger.slice_versions(self.cfg.shards, self.cfg.slices), self.checkpoint_rows(), sequences)
 
-    def _record(self, plan: ServingPlan, keys: dict[int, list[str]]) -> dict:
+    def _record(self, plan: ServingPlan, keys: dict[int, list[str]], rows: dict[str, dict]) -> dict:
+        """A served plan as the ledger and the registry keep it; `sha256` lets every door verify each file it loads."""
         return {"plan": plan.to_dict(), "checkpoints": {str(s): k for s, k in keys.items()},
-                "sequences": [list(p) for p in self.sequences]}
+                "sequences": [list(p) for p in self.sequences],
+                "sha256": {k: rows[k]["sha256"] for ks in keys.values() for k in ks}}
 
     def _plan_in(self, con) -> tuple[dict, int]:
         """The plan under the slice versions seen by `con` (inside the honour transaction)."""
         versions = self.ledger.slice_versions(self.cfg.shards, self.cfg.slices, con=con)
-        plan, keys = self.plan_for(versions, self.checkpoint_rows(con))
-        return self._record(plan, keys), len(plan.choices)
+        rows = self.checkpoint_rows(con)
+        plan, keys = self.plan_for(versions, rows)
+        return self._record(plan, keys, rows), len(plan.choices)
 
-    def serve(self) -> tuple[int, ServingPlan]:
-        """Record the current plan as the served one (unless it is already), then publish it."""
+    def serve(self, publish: bool = True) -> tuple[int, ServingPlan]:
+        """Record the current plan as the served one (unless it is already), then publish it (unless told not to)."""
         with self.ledger.transaction() as con:
             record, n_live = self._plan_in(con)
             latest = con.execute("SELECT plan_id, plan FROM plans ORDER BY plan_id DESC LIMIT 1").fetchall()
@@ -596,7 +686,8 @@ class S3T:
                 pid = int(latest[0][0])
             else:
                 pid = self.ledger.record_plan(record, n_live, con)
-        self.publish()
+        if publish:
+            self.publish()
         return pid, ServingPlan.from_dict(record["plan"])
 
     def publish(self) -> int | None:
@@ -652,22 +743,35 @@ class S3T:
     # --- lifecycle: forget ------------------------------------------------------------------
     def forget(self, ids: Iterable[str]) -> ForgetReport:
         """Honour deletions at once (one ledger transaction: no gradient step, a new plan over checkpoints
-        that never saw them), move the registry's champion, then erase their data everywhere."""
+        that never saw them), move the registry's champion, then erase their data everywhere.
+
+        Erasure of the state's own files never waits on the registry: when the registry fails, the deletion is
+        still honoured and erased locally, then PublishError says so (the next command retries the registry)."""
         from s3t_ops.erasure import erase_pending
+        from s3t_ops.publish import PublishError
 
         t0 = time.perf_counter()
         receipt = self.ledger.honour(ids, self._plan_in, request=self.tags.get("dagster_run_id"))
         self._forget_cache()
         honour = time.perf_counter() - t0
-        version = self.publish()
+        failed = None
+        try:
+            version = self.publish()
+        except PublishError as exc:
+            version, failed = None, exc
         published = time.perf_counter() - t0
         moved_at = time.time() if version is not None else None
         t1 = time.perf_counter()
         purged = self.purge_stale()
-        erase_pending(self)
+        erased = erase_pending(self)
         plan = ServingPlan.from_dict(receipt.record["plan"]) if receipt.record else None
-        return ForgetReport(receipt.new, receipt.already, receipt.dirty, receipt.plan_id, plan, honour,
-                            published - honour, time.perf_counter() - t1, purged, version, moved_at)
+        report = ForgetReport(receipt.new, receipt.already, receipt.dirty, receipt.plan_id, plan, honour,
+                              published - honour, time.perf_counter() - t1, purged, version, moved_at)
+        reason = str(failed) if failed is not None else erased.registry_error
+        if reason:
+            raise PublishError(f"{len(receipt.new)} example(s) forgotten: honoured by plan {receipt.plan_id} and erased from the "
+                               f"state's files, but {reason}", report=report)
+        return report
 
     def purge_stale(self) -> int:
         """Delete checkpoints no longer valid under the current data (their lineage holds a deleted id);
@@ -679,8 +783,7 @@ class S3T:
             stale = [k for k in self.checkpoint_rows() if k not in current and k not in keep]
             if not stale:
                 return 0
-            self.publisher.stages_invalidated(self, stale)
-            for i, k in enumerate(stale):
+            for i, k in enumerate(stale):  # their MLflow stage runs go with the registry's erasure (erasure.py)
                 self.store.delete(k)
                 if i == 0:
                     crash_point("during_purge")
@@ -720,10 +823,77 @@ class S3T:
         return bad
 
     # --- repair -----------------------------------------------------------------------------
-    def repair(self) -> RepairReport:
+    def repair(self, check_registry: bool = False) -> RepairReport:
         from s3t_ops.repair import repair
 
-        return repair(self)
+        return repair(self, check_registry)
+
+
+SERVER_FILES = ("mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlartifacts")  # what `mlflow ui` makes
+MOVING = ".s3t-moving-in-"
+
+
+def _server_files(root: Path) -> list[str]:
+    """The entries of an existing state folder to be, all made by our own servers (else StateError). Leftovers of a
+    creation that died while moving in (its marker names a dead process) are removed first."""
+    if not root.is_dir():
+        return []
+    for marker in root.glob(f"{MOVING}*"):
+        pid = marker.name.removeprefix(MOVING)
+        if pid.isdigit() and not _alive(int(pid)) and not (root / CONFIG_FILE).exists():
+            for name in marker.read_text().split():
+                target = root / name
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
+    names = sorted(p.name for p in root.iterdir())
+    foreign = [n for n in names if n not in SERVER_FILES]
+    if foreign:
+        raise StateError(f"{root} already holds files ({', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}); "
+                         "choose another --state folder or remove it")
+    return names
+
+
+def _move_in(tmp: Path, root: Path) -> None:
+    """Move a built state into a folder that holds a server's store: every entry, config.json last (the commit),
+    with a marker listing them so that a crash in between is undone by the next creation."""
+    entries = sorted(p.name for p in tmp.iterdir() if p.name != CONFIG_FILE and not (root / p.name).exists())
+    marker = root / f"{MOVING}{os.getpid()}"
+    marker.write_text("\n".join(entries))
+    for name in entries:
+        os.rename(tmp / name, root / name)
+    os.rename(tmp / CONFIG_FILE, root / CONFIG_FILE)
+    marker.unlink()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    from s3t_ops.files import alive
+
+    return alive(pid)
+
+
+def prepare_registry(settings: dict, folder: Path, final_root: Path, state_id: str) -> None:
+    """At creation: the state's own MLflow store is created in `folder` with its schema migrated (once, here: never
+    by parallel first users later), unless the final folder already holds one (a server started first); with any
+    store, the registered model name is checked to be free or this state's before anything else is written."""
+    if settings.get("kind") != "mlflow":
+        return
+    from s3t_ops.publish import PublishError
+    from s3t_ops.registry import ForeignModelError, Tracker, default_artifact_root
+
+    uri = settings.get("tracking_uri")
+    if not uri:
+        db = final_root / "mlflow.db" if (final_root / "mlflow.db").exists() else folder / "mlflow.db"
+        uri = f"sqlite:///{db}"
+    try:
+        tracker = Tracker(uri, settings.get("experiment") or "s3t", settings.get("model_name") or "s3t-ensemble",
+                          default_artifact_root(final_root), state_id)
+        tracker.check_owner()
+    except ForeignModelError as exc:
+        raise StateError(str(exc)) from None
+    except Exception as exc:  # MLflow raises many types (HTTP, SQL, IO)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PublishError(f"MLflow registry at {uri}: creating the state's store failed ({first})") from exc
 
 
 def _remove_abandoned_creations(parent: Path, name: str) -> None:

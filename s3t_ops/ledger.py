@@ -31,10 +31,10 @@ import duckdb
 import pandas as pd
 
 from s3t_ops.faults import crash_point
-from s3t_ops.partition import slice_version
 from s3t_ops.tombstones import Keyring
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+MIGRATABLE = (2,)  # older schemas `migrate_v2` brings up to date (schema 2: slice versions were plain hashes)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (
@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS slice_versions (
 CREATE TABLE IF NOT EXISTS slice_members (version VARCHAR, shard INTEGER, slice INTEGER, member VARCHAR);
 CREATE TABLE IF NOT EXISTS deletions (
     tombstone VARCHAR PRIMARY KEY, split VARCHAR, shard INTEGER, slice INTEGER, requested_at TIMESTAMP,
-    honoured_at TIMESTAMP, honoured_by_plan INTEGER, erased_at TIMESTAMP, retrained_at TIMESTAMP, request VARCHAR);
+    honoured_at TIMESTAMP, honoured_by_plan INTEGER, erased_at TIMESTAMP, retrained_at TIMESTAMP, request VARCHAR,
+    registry_erased_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS checkpoints (
     key VARCHAR PRIMARY KEY, shard INTEGER, prefix VARCHAR, stage INTEGER, parent_key VARCHAR,
     slice INTEGER, slice_version VARCHAR, prefix_versions VARCHAR, sha256 VARCHAR, n_train INTEGER,
@@ -55,8 +56,10 @@ CREATE SEQUENCE IF NOT EXISTS plan_ids START 1;
 CREATE TABLE IF NOT EXISTS plans (
     plan_id INTEGER PRIMARY KEY, created_at TIMESTAMP, plan VARCHAR, n_live INTEGER, n_deletions INTEGER,
     published_at TIMESTAMP, model_version INTEGER);
+CREATE TABLE IF NOT EXISTS data_files (path VARCHAR PRIMARY KEY, sha256 VARCHAR, written_at TIMESTAMP);
 """
-TABLES = ("meta", "examples", "slice_versions", "slice_members", "deletions", "checkpoints", "plans")
+TABLES = ("meta", "examples", "slice_versions", "slice_members", "deletions", "checkpoints", "plans", "data_files")
+TABLES_V2 = TABLES[:-1]
 CHECKPOINT_COLUMNS = ("key", "shard", "prefix", "stage", "parent_key", "slice", "slice_version", "prefix_versions", "sha256",
                       "n_train", "grad_example_steps", "steps", "val_acc", "seconds", "started_at")
 
@@ -149,6 +152,7 @@ class Ledger:
         self._keyring = keyring
         self._session: duckdb.DuckDBPyConnection | None = None
         self._checked = False
+        self.schema_version: int | None = None  # read by `check`
 
     @property
     def lock_path(self) -> Path:
@@ -222,17 +226,20 @@ class Ledger:
             con = self._open(read_only=True)
             try:
                 names = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-                missing = [t for t in TABLES if t not in names]
+                version = SCHEMA_VERSION
                 if "meta" in names:
                     row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
                     version = json.loads(row[0][0]) if row else 1
-                    if version != SCHEMA_VERSION:
+                    if version != SCHEMA_VERSION and version not in MIGRATABLE:
                         raise LedgerError(f"ledger {self.path} has schema {version}; this s3t-ops reads schema {SCHEMA_VERSION}: "
                                           "re-create the state with `s3t train --state NEW_FOLDER`")
+                tables = TABLES if version == SCHEMA_VERSION else TABLES_V2
+                missing = [t for t in tables if t not in names]
                 if missing:
                     raise LedgerDamagedError(f"ledger {self.path} is damaged (tables {', '.join(missing)} are missing); "
                                              "restore it from a backup — nothing was written")
-                for t in TABLES:
+                self.schema_version = version
+                for t in tables:
                     con.execute(f"SELECT * FROM {t}").fetchall()  # every block is read (and checksummed) once
             except duckdb.Error as exc:
                 raise LedgerDamagedError(f"ledger {self.path} is damaged ({str(exc).splitlines()[0]}); restore it from a backup — "
@@ -254,6 +261,7 @@ class Ledger:
 
     def create(self) -> None:
         """A new ledger file with the schema (the folder is new: nothing to check)."""
+        self.schema_version = SCHEMA_VERSION
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.locked():
             con = self._open(read_only=False)
@@ -293,7 +301,7 @@ class Ledger:
                 self._record_version(con, int(s), int(j), members["id"].tolist())
 
     def _record_version(self, con: duckdb.DuckDBPyConnection, shard: int, slc: int, ids: Sequence[str]) -> str:
-        version = slice_version(ids)
+        version = self.keyring.slice_version(ids)
         con.execute("UPDATE slice_versions SET is_current = false WHERE shard=? AND slice=? AND is_current", [shard, slc])
         exists = con.execute("SELECT 1 FROM slice_versions WHERE shard=? AND slice=? AND version=?", [shard, slc, version]).fetchall()
         if exists:
@@ -338,7 +346,7 @@ class Ledger:
         else:
             with self.connect(read_only=True) as c:
                 got = read(c)
-        empty = slice_version([])
+        empty = self.keyring.slice_version([])
         return {(s, j): got.get((s, j), empty) for s in range(shards) for j in range(slices)}
 
     def slice_counts(self) -> pd.DataFrame:
@@ -374,7 +382,7 @@ class Ledger:
                 pid, record = (int(rows[0][0]), json.loads(rows[0][1])) if rows else (None, None)
                 return HonourReceipt((), tuple(done), (), pid, record)
             t = now()
-            con.execute("""INSERT INTO deletions SELECT w.tombstone, e.split, e.shard, e.slice, ?, NULL, NULL, NULL, NULL, ?
+            con.execute("""INSERT INTO deletions SELECT w.tombstone, e.split, e.shard, e.slice, ?, NULL, NULL, NULL, NULL, ?, NULL
                            FROM examples e JOIN wanted w USING (id)""", [t, request])
             con.execute("DELETE FROM examples WHERE id IN (SELECT id FROM wanted)")
             con.unregister("wanted")
@@ -419,17 +427,20 @@ class Ledger:
         with self.connect(read_only=True) as con:
             return int(con.execute("SELECT count(*) FROM deletions WHERE honoured_at IS NULL").fetchall()[0][0])
 
-    def pending_erasure(self) -> set[str]:
+    def pending_erasure(self, where: str = "local") -> set[str]:
+        """Tombstones not erased yet from the state's own files (`local`) or from the registry (`registry`)."""
+        column = {"local": "erased_at", "registry": "registry_erased_at"}[where]
         with self.connect(read_only=True) as con:
-            return {r[0] for r in con.execute("SELECT tombstone FROM deletions WHERE erased_at IS NULL").fetchall()}
+            return {r[0] for r in con.execute(f"SELECT tombstone FROM deletions WHERE {column} IS NULL").fetchall()}
 
-    def mark_erased(self, tombstones: Iterable[str]) -> None:
+    def mark_erased(self, tombstones: Iterable[str], where: str = "local") -> None:
+        column = {"local": "erased_at", "registry": "registry_erased_at"}[where]
         tombs = list(tombstones)
         if not tombs:
             return
         with self.transaction() as con:
             con.register("erased", pd.DataFrame({"tombstone": tombs}))
-            con.execute("UPDATE deletions SET erased_at = ? WHERE erased_at IS NULL AND tombstone IN (SELECT tombstone FROM erased)", [now()])
+            con.execute(f"UPDATE deletions SET {column} = ? WHERE {column} IS NULL AND tombstone IN (SELECT tombstone FROM erased)", [now()])
             con.unregister("erased")
 
     def mark_retrained(self, still_stale: Callable[[duckdb.DuckDBPyConnection], bool]) -> bool:
@@ -525,6 +536,84 @@ class Ledger:
     def mark_published(self, plan_id: int, model_version: int | None) -> None:
         with self.connect() as con:
             con.execute("UPDATE plans SET published_at = ?, model_version = ? WHERE plan_id = ?", [now(), model_version, int(plan_id)])
+
+    # --- data files (trunk cache, slice Parquet): what each should hold -------------------------
+    def record_file(self, path: str, sha256: str | None) -> None:
+        """The sha256 a data file was written with (None: forget it, the file was removed)."""
+        with self.connect() as con:
+            if sha256 is None:
+                con.execute("DELETE FROM data_files WHERE path = ?", [path])
+            else:
+                con.execute("INSERT OR REPLACE INTO data_files VALUES (?, ?, ?)", [path, sha256, now()])
+
+    def file_sha(self, path: str) -> str | None:
+        with self.connect(read_only=True) as con:
+            rows = con.execute("SELECT sha256 FROM data_files WHERE path = ?", [path]).fetchall()
+        return rows[0][0] if rows else None
+
+    # --- migration from schema 2 ------------------------------------------------------------
+    def migrate_v2(self, root_key_of: Callable[[int], str], stage_key: Callable[[str, int, str, int], str],
+                   file_hashes: Callable[[], dict[str, str]]) -> dict[str, str]:
+        """Schema 2 -> 3 in ONE transaction: slice versions keyed (the current ones recomputed from the live ids, older
+        ones re-keyed), every checkpoint key re-derived from them (`root_key_of(shard)`, `stage_key(...)`: the
+        engine's content addressing), plans rewritten with the new keys, the `data_files` table filled with the
+        hashes of the data files as they are (`file_hashes()`), and `registry_erased_at` added (set where the
+        deletion was fully erased). Returns {old key: new key}; it is also kept in meta `pending_renames` until the
+        caller has renamed the checkpoint files (`done_renames`), so a crash in between is finished on the next open."""
+        with self.transaction() as con:
+            version = json.loads(con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0])
+            if version != 2:
+                return {}
+            con.execute("ALTER TABLE deletions ADD COLUMN registry_erased_at TIMESTAMP")
+            con.execute("UPDATE deletions SET registry_erased_at = erased_at")
+            con.execute("CREATE TABLE IF NOT EXISTS data_files (path VARCHAR PRIMARY KEY, sha256 VARCHAR, written_at TIMESTAMP)")
+            vmap: dict[tuple[int, int, str], str] = {}
+            for v, s, j, current in con.execute("SELECT version, shard, slice, is_current FROM slice_versions").fetchall():
+                if current:
+                    ids = [r[0] for r in con.execute("SELECT id FROM examples WHERE split='train' AND shard=? AND slice=?",
+                                                      [s, j]).fetchall()]
+                    vmap[(int(s), int(j), v)] = self.keyring.slice_version(ids)
+                else:
+                    vmap[(int(s), int(j), v)] = self.keyring.rekey(v, "slice-version")
+            # rows are replaced (delete, then insert the mapped rows): DuckDB checks keys eagerly on in-place updates
+            sv = con.execute("SELECT * FROM slice_versions").df()
+            sv["version"] = [vmap[(int(s), int(j), v)] for v, s, j in zip(sv["version"], sv["shard"], sv["slice"])]
+            members = con.execute("SELECT * FROM slice_members").df()
+            members["version"] = [vmap.get((int(s), int(j), v), self.keyring.rekey(v, "slice-version"))
+                                   for v, s, j in zip(members["version"], members["shard"], members["slice"])]
+            ck = con.execute("SELECT * FROM checkpoints ORDER BY stage").df().astype(object)
+            ck = ck.where(ck.notna(), None)
+            kmap: dict[str, str] = {}
+            rows = []
+            for r in ck.to_dict("records"):
+                s, slc, stage = int(r["shard"]), int(r["slice"]), int(r["stage"])
+                new_sv = vmap.get((s, slc, r["slice_version"]), self.keyring.rekey(r["slice_version"], "slice-version"))
+                slices = [int(x) for x in str(r["prefix"]).split("-")]
+                new_pvs = [vmap.get((s, j, v), self.keyring.rekey(v, "slice-version"))
+                           for j, v in zip(slices, json.loads(r["prefix_versions"]))]
+                parent = r["parent_key"]
+                parent_new = root_key_of(s) if parent is None else kmap.get(parent, self.keyring.rekey(parent, "checkpoint"))
+                kmap[r["key"]] = stage_key(parent_new, slc, new_sv, stage)
+                rows.append({**r, "key": kmap[r["key"]], "parent_key": None if parent is None else parent_new,
+                             "slice_version": new_sv, "prefix_versions": json.dumps(new_pvs)})
+            for table, frame in (("slice_versions", sv), ("slice_members", members),
+                                 ("checkpoints", pd.DataFrame(rows, columns=list(ck.columns)))):
+                con.execute(f"DELETE FROM {table}")
+                if len(frame):
+                    con.register("migrated", frame)
+                    con.execute(f"INSERT INTO {table} SELECT {', '.join(frame.columns)} FROM migrated")
+                    con.unregister("migrated")
+            for pid, plan in con.execute("SELECT plan_id, plan FROM plans").fetchall():
+                record = json.loads(plan)
+                record["checkpoints"] = {sh: [kmap.get(k, k) for k in keys] for sh, keys in record.get("checkpoints", {}).items()}
+                con.execute("UPDATE plans SET plan = ? WHERE plan_id = ?", [json.dumps(record, sort_keys=True), pid])
+            for path, sha in file_hashes().items():
+                con.execute("INSERT OR REPLACE INTO data_files VALUES (?, ?, ?)", [path, sha, now()])
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('pending_renames', ?)", [json.dumps(kmap)])
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('registry_rekey', ?)", [json.dumps(kmap)])
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [json.dumps(SCHEMA_VERSION)])
+        self.schema_version = SCHEMA_VERSION
+        return kmap
 
     # --- erasure of the file itself ---------------------------------------------------------
     def compact(self) -> None:

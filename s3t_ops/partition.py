@@ -14,12 +14,3 @@ def assign(example_id: str, shards: int, slices: int, seed: int = 0) -> tuple[in
 
 def assign_all(ids: Iterable[str], shards: int, slices: int, seed: int = 0) -> dict[str, tuple[int, int]]:
     return {i: assign(i, shards, slices, seed) for i in ids}
-
-
-def slice_version(member_ids: Iterable[str]) -> str:
-    """Data version of a slice: hash of its sorted live ids (content-addressing for checkpoints)."""
-    h = hashlib.sha256()
-    for i in sorted(member_ids):
-        h.update(i.encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]

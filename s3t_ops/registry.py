@@ -36,7 +36,7 @@ with warnings.catch_warnings():  # mlflow's own pyfunc classes nag about type hi
 CHAMPION = "champion"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}  # the UI opens runs and models, not GenAI traces
-INVALIDATED_TAG = "s3t.invalidated_by_deletion"
+STATE_TAG = "s3t.state_id"  # on every run, version and the registered model: which state they belong to
 MODEL_DESCRIPTION = ("S3T ensemble (exact unlearning): each version serves, per shard, the longest stage prefix whose "
                      "checkpoints never saw a deleted example. Alias `champion` = the version to serve. Load it with "
                      "`mlflow.pyfunc.load_model(\"models:/{name}@champion\")` and call "
@@ -64,14 +64,31 @@ def default_artifact_root(state_dir: str | Path) -> str:
     return str((Path(state_dir) / "mlartifacts").resolve())
 
 
+def verify_copy(ckpt_dir: Path, record: dict) -> list[str]:
+    """Keys of the plan's checkpoint files in `ckpt_dir` that are missing or differ from the sha256 the plan recorded
+    ([]: the copy is whole). Plans recorded before hashes were kept (no `sha256`) are not checked."""
+    expected = record.get("sha256") or {}
+    bad = []
+    for keys in record["checkpoints"].values():
+        for k in keys:
+            if k not in expected:
+                continue
+            path = Path(ckpt_dir) / f"{k}.safetensors"
+            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != expected[k]:
+                bad.append(k)
+    return bad
+
+
 def plan_digest(record: dict) -> str:
     """Identity of a plan for the registry: which checkpoints serve which shard."""
     return hashlib.sha256(json.dumps(record["checkpoints"], sort_keys=True).encode()).hexdigest()[:24]
 
 
-with warnings.catch_warnings():  # mlflow nags about type hints at class creation; inputs are checked below
-    warnings.simplefilter("ignore", UserWarning)
-
+_show = warnings.showwarning
+# mlflow nags about type hints when the class is created, under its own "once" filter (so no filter of ours reaches
+# it): the warning is dropped by its display hook for this one statement; inputs are checked in `predict`
+warnings.showwarning = lambda *args, **kwargs: None
+try:
     class S3TEnsembleModel(mlflow.pyfunc.PythonModel):
         """Pyfunc body: the plan's checkpoints on the configured backbone, shared-trunk inference."""
 
@@ -85,6 +102,11 @@ with warnings.catch_warnings():  # mlflow nags about type hints at class creatio
             meta = json.loads(Path(context.artifacts["meta"]).read_text())
             record = json.loads(Path(context.artifacts["plan"]).read_text())
             ckpt_dir = Path(context.artifacts["checkpoints"])
+            damaged = verify_copy(ckpt_dir, record)
+            if damaged:  # never predict from a file that is not the one the plan names
+                raise ValueError(f"registered S3T model, plan {record.get('plan_id')}: checkpoint file(s) {', '.join(damaged)} "
+                                 "do not hold the bytes the plan recorded (damaged copy); refusing to serve it — "
+                                 "`s3t repair` re-publishes the plan")
             cfg = S3TConfig.from_dict({**meta["config"], "state_dir": tempfile.gettempdir()})
             self.label_names = list(meta["label_names"])
             backbone = Backbone(cfg)
@@ -104,17 +126,28 @@ with warnings.catch_warnings():  # mlflow nags about type hints at class creatio
             for j, name in enumerate(self.label_names):
                 out[f"prob_{name}"] = probs[:, j].double().numpy()
             return out
+finally:
+    warnings.showwarning = _show
+
+
+class ForeignModelError(RuntimeError):
+    """The registered model name belongs to another S3T state on the same MLflow store."""
 
 
 class Tracker:
-    """Tracking + registry over one MLflow store (a SQLite file by default, or an `mlflow server`)."""
+    """Tracking + registry over one MLflow store (a SQLite file by default, or an `mlflow server`).
+
+    One store may serve many states (a shared `mlflow server`): every run and version carries the state's id
+    (tag `s3t.state_id`), every search is restricted to it, and the registered model is owned by one state
+    (its tag `s3t.state_id`): another state publishing under the same name is refused (ForeignModelError)."""
 
     def __init__(self, tracking_uri: str, experiment: str = "s3t", model_name: str = "s3t-ensemble",
-                 artifact_root: str | None = None):
+                 artifact_root: str | None = None, state_id: str | None = None):
         from mlflow import MlflowClient
 
         self.uri = tracking_uri
         self.model_name = model_name
+        self.state_id = state_id
         use_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
@@ -127,13 +160,33 @@ class Tracker:
                 self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
         else:
             self.experiment_id = exp.experiment_id
-            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG]:
-                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG])
+            for key, value in EXPERIMENT_TAGS.items():
+                if exp.tags.get(key) != value:
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
+
+    # --- this state's runs ----------------------------------------------------------------------
+    def _mine(self, filter_string: str = "") -> str:
+        """A run filter restricted to this state's runs (runs of older states, without the tag, when it has no id)."""
+        own = f"tags.`{STATE_TAG}` = '{self.state_id}'" if self.state_id else ""
+        return " AND ".join(f for f in (own, filter_string) if f)
+
+    def search(self, filter_string: str = "", experiment_ids: list[str] | None = None, deleted: bool = False) -> list:
+        from mlflow.entities import ViewType
+
+        return list(self.client.search_runs(experiment_ids or [self.experiment_id], self._mine(filter_string),
+                                            run_view_type=ViewType.ALL if deleted else ViewType.ACTIVE_ONLY, max_results=50000))
+
+    def _tags(self, tags: dict) -> dict[str, str]:
+        out = {k: str(v) for k, v in tags.items()}
+        if self.state_id:
+            out[STATE_TAG] = self.state_id
+        return out
 
     # --- stage runs -------------------------------------------------------------------------
     def log_stage(self, row: dict, config: dict, tags: dict[str, str] | None = None) -> str:
         """One run per trained stage spanning the training itself: config params, per-stage counts apart
-        (`stage.*`), per-epoch metrics, lineage tags."""
+        (`stage.*`), per-epoch metrics, lineage tags (keyed slice versions and checkpoint keys: nothing a text
+        could be matched against)."""
         from mlflow.entities import Metric, Param
 
         run_tags = {"s3t.kind": "stage", "s3t.shard": row["shard"], "s3t.stage": row["stage"],
@@ -141,7 +194,7 @@ class Tracker:
                     "s3t.checkpoint_key": row["key"], "s3t.parent_key": row.get("parent_key") or "",
                     **(row.get("lineage_tags") or {}), **(tags or {})}
         run = self.client.create_run(self.experiment_id, run_name=f"stage{row['stage']}-s{row['shard']}-p{row['prefix']}",
-                                     start_time=_millis(row.get("started_at")), tags={k: str(v) for k, v in run_tags.items()})
+                                     start_time=_millis(row.get("started_at")), tags=self._tags(run_tags))
         params = {f"config.{k}": v for k, v in config.items() if k != "state_dir"}
         params.update({"stage.shard": row["shard"], "stage.stage": row["stage"], "stage.prefix": row["prefix"],
                        "stage.n_examples": row["n_train"]})
@@ -155,16 +208,6 @@ class Tracker:
         self.client.set_terminated(run.info.run_id, end_time=_millis(row.get("ended_at")))
         return run.info.run_id
 
-    def tag_invalidated(self, keys: list[str]) -> int:
-        """Mark the stage runs whose checkpoints a deletion invalidated (the run stays: it holds no data)."""
-        n = 0
-        for key in keys:
-            for run in self.client.search_runs([self.experiment_id], filter_string=f"tags.`s3t.checkpoint_key` = '{key}'"):
-                if run.data.tags.get(INVALIDATED_TAG) != "true":
-                    self.client.set_tag(run.info.run_id, INVALIDATED_TAG, "true")
-                    n += 1
-        return n
-
     # --- approximate unlearning (s3t_ops.memorization) ----------------------------------------
     def log_unlearning(self, run_name: str, params: dict, metrics: dict, tags: dict | None = None) -> str:
         """One run per approximate-unlearning model; always tagged s3t.kind=approximate_unlearning, approximate=true."""
@@ -172,7 +215,7 @@ class Tracker:
 
         from mlflow.entities import Metric, Param
 
-        run_tags = {**{k: str(v) for k, v in (tags or {}).items()}, "s3t.kind": "approximate_unlearning", "approximate": "true"}
+        run_tags = self._tags({**(tags or {}), "s3t.kind": "approximate_unlearning", "approximate": "true"})
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
         values = [Metric(k, float(v), 0, 0) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
@@ -181,6 +224,22 @@ class Tracker:
         return run.info.run_id
 
     # --- registry ---------------------------------------------------------------------------
+    def owner(self) -> str | None:
+        """The state id the registered model belongs to (None: no such model yet, or one from before owners)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(self.model_name).tags.get(STATE_TAG)
+        except MlflowException:
+            return None
+
+    def check_owner(self) -> None:
+        """ForeignModelError when another state owns the registered model name on this store."""
+        owner = self.owner()
+        if self.state_id and owner and owner != self.state_id:
+            raise ForeignModelError(f"the registered model {self.model_name!r} on {self.uri} belongs to another S3T state "
+                                    f"(id {owner}); give this state its own name (S3T_MODEL_NAME when it is created)")
+
     def champion(self) -> dict[str, Any] | None:
         from mlflow.exceptions import MlflowException
 
@@ -188,22 +247,26 @@ class Tracker:
             v = self.client.get_model_version_by_alias(self.model_name, CHAMPION)
         except MlflowException:
             return None
+        if self.state_id and v.tags.get(STATE_TAG) not in (None, self.state_id):
+            return None  # another state's version: not this state's champion
         return {"version": int(v.version), "tags": dict(v.tags), "plan_digest": v.tags.get("plan_digest"),
-                "plan_id": v.tags.get("plan_id"), "run_id": v.run_id, "description": v.description}
+                "plan_id": v.tags.get("plan_id"), "run_id": v.run_id, "description": v.description, "model_id": _model_id(v)}
 
-    def publish_plan(self, engine, plan_id: int, record: dict) -> int:
+    def publish_plan(self, engine, plan_id: int, record: dict, new_version: bool = False) -> int:
         """Make `champion` serve this plan; idempotent, so a crash anywhere in it is finished by a retry.
 
         The same checkpoints as the champion's: its tags are brought up to date (the plan may honour a
         deletion that no served checkpoint saw). A version already registered for this plan (an earlier
-        attempt died before moving the alias) is reused. Otherwise a new version is logged and registered.
+        attempt died before moving the alias) is reused. Otherwise (or with `new_version`: the champion's copy is
+        damaged) a new version is logged and registered.
         """
+        self.check_owner()
         tags = {**self._version_tags(engine, plan_id, record), **{k: str(v) for k, v in engine.tags.items()}}
         champ = self.champion()
-        if champ is not None and champ["plan_digest"] == tags["plan_digest"]:
+        if not new_version and champ is not None and champ["plan_digest"] == tags["plan_digest"]:
             version = champ["version"]
         else:
-            version = self._version_for_plan(plan_id)
+            version = None if new_version else self._version_for_plan(plan_id)
             if version is None:
                 version = self._register(engine, plan_id, record, tags)
         for k, v in tags.items():
@@ -217,13 +280,13 @@ class Tracker:
         deleted = sorted(engine.ledger.deleted())
         depths = {str(c["shard"]): c["depth"] for c in record["plan"]["choices"]}
         joined = ",".join(deleted)
-        return {
+        return self._tags({
             "plan_id": str(plan_id), "plan_digest": plan_digest(record), "depths": json.dumps(depths),
             "live_shards": str(len(depths)), "honoured_deletions_count": str(len(deleted)),
             "honoured_deletions": joined if len(joined) <= MAX_TAG_CHARS else "see the model artifact honoured_deletions.json",
             "honoured_deletions_sha256": hashlib.sha256(joined.encode()).hexdigest(),
             "tombstones": "keyed (HMAC-SHA256 with the state's secret.key), not example ids",
-        }
+        })
 
     def _version_for_plan(self, plan_id: int) -> int | None:
         for v in self.versions():
@@ -271,8 +334,8 @@ class Tracker:
         crash_point("after_model_logged")
         self._ensure_model()
         mv = self.client.create_model_version(self.model_name, info.model_uri, run_id=run.info.run_id,
-                                              tags={"plan_id": str(plan_id)}, model_id=info.model_id,
-                                              await_creation_for=0)
+                                              tags={"plan_id": str(plan_id), **({STATE_TAG: self.state_id} if self.state_id else {})},
+                                              model_id=info.model_id, await_creation_for=0)
         crash_point("after_version_registered")
         return int(mv.version)
 
@@ -280,26 +343,96 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.get_registered_model(self.model_name)
+            model = self.client.get_registered_model(self.model_name)
         except MlflowException:
             try:
-                self.client.create_registered_model(self.model_name, description=MODEL_DESCRIPTION.format(name=self.model_name))
+                self.client.create_registered_model(self.model_name, description=MODEL_DESCRIPTION.format(name=self.model_name),
+                                                    tags={STATE_TAG: self.state_id} if self.state_id else None)
             except MlflowException:  # created concurrently
                 pass
+            self.check_owner()
+            return
+        if self.state_id and STATE_TAG not in model.tags:  # a model from before owners were recorded: this state adopts it
+            self.client.set_registered_model_tag(self.model_name, STATE_TAG, self.state_id)
 
     def versions(self) -> list[dict[str, Any]]:
         vs = self.client.search_model_versions(f"name='{self.model_name}'")
-        return sorted(({"version": int(v.version), "tags": dict(v.tags), "run_id": v.run_id} for v in vs),
-                      key=lambda v: v["version"])
+        out = [{"version": int(v.version), "tags": dict(v.tags), "run_id": v.run_id, "model_id": _model_id(v)}
+               for v in vs if not self.state_id or v.tags.get(STATE_TAG) in (None, self.state_id)]
+        return sorted(out, key=lambda v: v["version"])
+
+    def rekey(self, engine, kmap: dict[str, str]) -> int:
+        """After the ledger migration to keyed slice versions (ledger.py `migrate_v2`): stage runs get the new keys and
+        keyed versions in their tags, and every version registered before (its files are named by plain-derived keys)
+        is deleted; the caller has registered the plan anew. Returns the runs re-tagged."""
+        rows = {r["key"]: r for r in engine.ledger.checkpoints(live_only=False).to_dict("records")}
+        n = 0
+        for run in self.search("tags.`s3t.kind` = 'stage'"):
+            old = run.data.tags.get("s3t.checkpoint_key")
+            new = kmap.get(old)
+            if new is None:
+                continue
+            row = rows.get(new, {})
+            self.client.set_tag(run.info.run_id, "s3t.checkpoint_key", new)
+            self.client.set_tag(run.info.run_id, "s3t.parent_key", row.get("parent_key") or "")
+            self.client.set_tag(run.info.run_id, "s3t.slice_version", row.get("slice_version") or "")
+            n += 1
+        champ = self.champion()
+        for v in self.versions():
+            if champ is None or v["version"] != champ["version"]:
+                self.delete_version(v["version"], v["run_id"])
+        for run in self.search("tags.`s3t.kind` = 'ensemble'"):
+            if champ is None or run.info.run_id != champ["run_id"]:
+                self.hard_delete_run(run.info.run_id)
+        return n
+
+    # --- the registry's copy of the champion ---------------------------------------------------
+    def champion_copy_damaged(self) -> list[str]:
+        """Checkpoint keys whose copy in the champion version's artifacts is missing or differs from the sha256 its
+        plan recorded ([]: whole, or no champion). The files are read through MLflow's artifact repository."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        champ = self.champion()
+        if champ is None or not champ.get("model_id"):
+            return []
+        location = self.client.get_logged_model(champ["model_id"]).artifact_location
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = get_artifact_repository(location)
+            try:
+                plan = json.loads(Path(repo.download_artifacts("artifacts/plan.json", tmp)).read_text())
+            except Exception:
+                return ["plan.json"]
+            try:
+                ckpts = repo.download_artifacts("artifacts/checkpoints", tmp)
+            except Exception:
+                ckpts = str(Path(tmp) / "missing")
+            return verify_copy(Path(ckpts), plan)
 
     # --- erasure ----------------------------------------------------------------------------
     def erase(self, engine) -> list[str]:
         """Hard-delete what holds a deleted example: non-champion versions (and ensemble runs) whose plan's
-        lineage holds one, and approximate-unlearning runs whose memorization artifact was erased."""
+        lineage holds one, stage runs of checkpoints that trained on one, and approximate-unlearning runs whose
+        memorization artifact was erased (all of this state's)."""
         removed = [f"model version {v}" for v in self.purge_superseded(engine)]
         removed += [f"ensemble run {r}" for r in self._purge_orphan_ensemble_runs(engine)]
+        removed += [f"stage run {r}" for r in self._purge_stale_stage_runs(engine)]
         removed += [f"memorization run {r}" for r in self._purge_memorization_runs(engine)]
         return removed
+
+    def delete_version(self, version: int, run_id: str | None) -> None:
+        """A version's tags first (MLflow keeps a deleted version's row and tags otherwise), the version, its run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tags = self.client.get_model_version(self.model_name, str(version)).tags
+        except MlflowException:
+            tags = {}
+        for key in tags:
+            self.client.delete_model_version_tag(self.model_name, str(version), key)
+        self.client.delete_model_version(self.model_name, str(version))
+        crash_point("during_registry_erase")
+        if run_id:
+            self.hard_delete_run(run_id)
 
     def purge_superseded(self, engine) -> list[int]:
         """Delete non-champion versions (with their runs and artifacts) whose checkpoints saw a deleted example."""
@@ -311,10 +444,7 @@ class Tracker:
             record = engine.ledger.plan(int(v["tags"].get("plan_id", -1)))
             if record is not None and not engine.audit(record):
                 continue  # exact: kept (a rollback target)
-            self.client.delete_model_version(self.model_name, str(v["version"]))
-            crash_point("during_registry_erase")
-            if v["run_id"]:
-                self.hard_delete_run(v["run_id"])
+            self.delete_version(v["version"], v["run_id"])
             purged.append(v["version"])
         return purged
 
@@ -322,11 +452,25 @@ class Tracker:
         """Ensemble runs no version points to (a crash between logging and registering) whose plan is tainted."""
         live = {v["run_id"] for v in self.versions()}
         out = []
-        for run in self.client.search_runs([self.experiment_id], filter_string="tags.`s3t.kind` = 'ensemble'"):
+        for run in self.search("tags.`s3t.kind` = 'ensemble'"):
             if run.info.run_id in live:
                 continue
             record = engine.ledger.plan(int(run.data.tags.get("plan_id", -1)))
             if record is None or engine.audit(record):
+                self.hard_delete_run(run.info.run_id)
+                out.append(run.info.run_id)
+        return out
+
+    def _purge_stale_stage_runs(self, engine) -> list[str]:
+        """Stage runs of checkpoints purged because they trained on a deleted example: their per-epoch metrics were
+        computed on it."""
+        every = engine.ledger.checkpoints(live_only=False)
+        stale = set(every[every["purge_reason"].fillna("").str.startswith("stale")]["key"])
+        out = []
+        if not stale:
+            return out
+        for run in self.search("tags.`s3t.kind` = 'stage'"):
+            if run.data.tags.get("s3t.checkpoint_key") in stale:
                 self.hard_delete_run(run.info.run_id)
                 out.append(run.info.run_id)
         return out
@@ -339,7 +483,7 @@ class Tracker:
 
         out = []
         exps = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ALL)]
-        for run in self.client.search_runs(exps, filter_string="tags.`s3t.memorization_artifact` != ''", run_view_type=ViewType.ALL):
+        for run in self.search(f"tags.`{store.ARTIFACT_TAG}` != ''", experiment_ids=exps, deleted=True):
             artifact = run.data.tags.get(store.ARTIFACT_TAG)
             if artifact and not store.complete(engine.storage, artifact):
                 self.hard_delete_run(run.info.run_id)
@@ -386,6 +530,15 @@ class Tracker:
                                                          filter_string=f"source_run_id = '{run_id}'"))
         except Exception:
             return []
+
+
+def _model_id(version) -> str | None:
+    """The logged model a version registers (SQLite stores keep it in `source` = models:/<id> only)."""
+    mid = getattr(version, "model_id", None)
+    source = getattr(version, "source", "") or ""
+    if not mid and source.startswith("models:/m-"):
+        mid = source.removeprefix("models:/").split("/", 1)[0]
+    return mid or None
 
 
 def _delete_artifacts(repo) -> None:

@@ -10,8 +10,12 @@ crashed process:
 - checkpoints made stale by a deletion but not yet purged are purged;
 - deletions not honoured by a plan (not possible with the atomic honour path, kept as a guard), and a
   served plan that names a purged checkpoint, get a new served plan;
-- the latest plan is published if the registry has not heard of it (champion moved);
-- deletions not yet erased are erased (see erasure.py).
+- the latest plan is published if the registry has not heard of it (champion moved); asked to
+  (`check_registry`), the champion's copy in the registry is verified against the plan's sha256 and
+  re-published when damaged;
+- deletions not yet erased are erased (see erasure.py): the state's files first, then the registry;
+- a registry that cannot be reached never fails the command: the report says what waits for it
+  (`registry_error`), and the next command retries.
 The returned report lists what was done, one line per action (empty: nothing to repair).
 """
 from __future__ import annotations
@@ -22,7 +26,9 @@ if TYPE_CHECKING:
     from s3t_ops.engine import RepairReport, S3T
 
 
-def repair(engine: "S3T") -> "RepairReport":
+def repair(engine: "S3T", check_registry: bool = False) -> "RepairReport":
+    """`check_registry`: also verify the registry's copy of the champion file by file (reads every file: `s3t status`
+    and `s3t repair` ask for it; the other commands do not pay for it)."""
     from s3t_ops.engine import RepairReport
     from s3t_ops.erasure import erase_pending
     from s3t_ops.files import remove_temporaries
@@ -60,21 +66,47 @@ def repair(engine: "S3T") -> "RepairReport":
         if n:
             say(f"purged {n} stale checkpoint(s) trained on deleted examples")
 
+    from s3t_ops.publish import PublishError
+
     latest = engine.served()
     live = engine.checkpoint_rows()
     broken = latest is not None and any(k not in live for keys in latest[1]["checkpoints"].values() for k in keys)
-    if engine.ledger.unhonoured() or broken:
-        pid, _ = engine.serve()
-        say(f"served plan {pid}" + (" (the previous one named a missing or damaged checkpoint)" if broken else
-                                    " honouring deletions that no plan honoured yet"))
-    elif latest is not None and engine.ledger.publication(latest[0])[0] is None and engine.publisher.registers:
-        version = engine.publish()
-        say(f"published plan {latest[0]} to the registry (champion -> version {version})")
+    try:
+        if engine.ledger.unhonoured() or broken:
+            pid, _ = engine.serve(publish=False)
+            say(f"served plan {pid}" + (" (the previous one named a missing or damaged checkpoint)" if broken else
+                                        " honouring deletions that no plan honoured yet"))
+        latest = engine.served()
+        if latest is not None and engine.ledger.publication(latest[0])[0] is None and engine.publisher.registers:
+            version = engine.publish()
+            say(f"published plan {latest[0]} to the registry (champion -> version {version})")
+        rekey = engine.ledger.get_meta("registry_rekey")
+        if rekey:  # a migrated ledger (keyed slice versions): the registry follows once
+            engine.publisher.rekey(engine, rekey)
+            engine.ledger.set_meta("registry_rekey", None)
+            say(f"registry brought in line with the keyed slice versions ({len(rekey)} checkpoint key(s) re-derived)")
+        if check_registry and latest is not None and engine.publisher.registers:
+            damaged = engine.publisher.damaged_copy()
+            if damaged:
+                version = engine.publisher.republish(engine, latest[0], latest[1])
+                engine.ledger.mark_published(latest[0], version)
+                say(f"the registry's copy of plan {latest[0]} was damaged ({len(damaged)} file(s): {', '.join(damaged[:3])}): "
+                    f"re-published as version {version}, the damaged version deleted")
+    except PublishError as exc:
+        report.registry_error = str(exc)
+        say(f"registry not updated: {exc}")
 
-    pending = engine.ledger.pending_erasure()
+    pending = engine.ledger.pending_erasure("local") | engine.ledger.pending_erasure("registry")
     if pending:
         er = erase_pending(engine)
-        say(f"erased {len(pending)} deleted example(s): {er.trunk_files} trunk file(s), {er.slice_files} slice file(s), "
-            f"{len(er.memorization)} memorization artifact(s), {len(er.registry)} registry item(s), ledger compacted"
-            + ("" if er.complete else "; registry erasure waits for the plan to be published"))
+        if er.pending:
+            say(f"erased {er.pending} deleted example(s) from the state's files: {er.trunk_files} trunk file(s), "
+                f"{er.slice_files} slice file(s), {len(er.memorization)} memorization artifact(s), ledger compacted")
+        if er.registry:
+            say(f"erased {len(er.registry)} registry item(s) holding deleted examples")
+        if er.registry_error and not report.registry_error:
+            report.registry_error = er.registry_error
+            say(f"registry erasure not done: {er.registry_error}")
+        elif not er.complete and not er.registry_error:
+            say("registry erasure waits for the plan to be published")
     return report

@@ -5,6 +5,12 @@ registry tag, would let anyone holding a candidate text confirm that it was in t
 deleted. Instead every id is kept as HMAC-SHA256(secret, id), with a random secret per state folder
 (`secret.key`, readable by the owner only): without the secret a tombstone reveals nothing, and the
 state's owner can still answer "is this id deleted?" (`s3t status --id ID`).
+
+The same key versions the data: a slice's version is HMAC(secret, its sorted live ids), not a plain hash of
+them. A plain hash would undo the tombstones: anyone holding a slice's current members and a candidate text
+could hash "members + that id" and find the version the slice had before the deletion (in the ledger, in a
+registry tag, in a checkpoint name derived from it). Keyed, equal members still give equal versions inside a
+state (checkpoints stay content-addressed), and nothing outside the state can recompute one.
 """
 from __future__ import annotations
 
@@ -26,8 +32,9 @@ class Keyring:
         self._secret = secret
 
     @classmethod
-    def create(cls, state_dir: Path) -> "Keyring":
-        secret = os.urandom(32)
+    def create(cls, state_dir: Path, secret: bytes | None = None) -> "Keyring":
+        """A new random key (`secret`: a given one, e.g. for a second state that must share the first's keyspace)."""
+        secret = os.urandom(32) if secret is None else secret
 
         def write(tmp: Path) -> None:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -53,3 +60,15 @@ class Keyring:
 
     def tombstones(self, ids: Iterable[str]) -> list[str]:
         return [self.tombstone(i) for i in ids]
+
+    def slice_version(self, member_ids: Iterable[str]) -> str:
+        """Data version of a slice: keyed hash of its sorted live ids (content-addressing for checkpoints)."""
+        h = hmac.new(self._secret, b"slice-version\n", hashlib.sha256)
+        for i in sorted(member_ids):
+            h.update(str(i).encode("utf-8"))
+            h.update(b"\n")
+        return h.hexdigest()[:16]
+
+    def rekey(self, value: str, kind: str) -> str:
+        """A keyed replacement for a value derived from plain ids (a slice version of an older state)."""
+        return hmac.new(self._secret, f"{kind}|{value}".encode(), hashlib.sha256).hexdigest()[:16]

@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# a tombstone key for states whose checkpoint keys a test compares: slice versions (and so checkpoint keys) are keyed
+# with the state's secret, so equal data gives equal keys only under the same secret (`S3T.create(..., secret=)`)
+SHARED_SECRET = bytes(range(32))
+
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:

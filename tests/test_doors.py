@@ -1,10 +1,11 @@
 """One lifecycle, two doors: the CLI and the Dagster jobs leave the same ledger, files and registry.
 
 The same train -> forget -> retrain runs once through `s3t` and once through the Dagster assets and the
-`forget` job (in-process), each on its own state folder with its own MLflow store in it. Checkpoint keys
-are content addresses (config + data), so both doors must produce the same keys, byte-identical files
-and the same served plans; tombstones are keyed per state, so each registry's champion must honour its
-own tombstone of the deleted example.
+`forget` job (in-process), each on its own state folder with its own MLflow store in it. Checkpoints are
+content-addressed within a state's keyspace (slice versions and tombstones are keyed with the state's
+secret), so the two doors must serve the same choices from byte-identical files at every (shard, sequence,
+stage), and each registry's champion must honour its own tombstone of the deleted example. The deletions
+tables must agree too: honoured, erased and retrained, whichever door retrained.
 """
 from __future__ import annotations
 
@@ -42,10 +43,16 @@ def _snapshot(state) -> dict:
     tracker = engine.publisher.tracker
     champ = tracker.champion()
     versions = tracker.versions()
+    plan = engine.served()[1]
+    position = {s.key: (s.shard, s.seq, s.stage) for s in engine.stage_specs()}
+    dels = engine.ledger.deletions()
     return {
         "engine": engine,
-        "plan": engine.served()[1],
-        "files": {k: engine.store.path(k).read_bytes() for k in engine.checkpoint_rows()},
+        "plan": plan["plan"],
+        "served_files": {position[k]: engine.store.path(k).read_bytes() for keys in plan["checkpoints"].values() for k in keys},
+        "files": {position[k]: engine.store.path(k).read_bytes() for k in engine.checkpoint_rows() if k in position},
+        "deletions": {c: dels[c].notna().tolist() for c in ("honoured_at", "erased_at", "registry_erased_at", "retrained_at")}
+                     | {"split": dels["split"].tolist(), "cell": list(zip(dels["shard"].tolist(), dels["slice"].tolist()))},
         "depths": json.loads(champ["tags"]["depths"]),
         "honoured": champ["tags"]["honoured_deletions"].split(","),
         "count": champ["tags"]["honoured_deletions_count"],
@@ -105,9 +112,19 @@ def doors(tmp_path_factory, tiny_backbone_dir):
 @pytest.mark.parametrize("moment", ["after forget", "after retraining"])
 def test_both_doors_serve_the_same_plan_from_the_same_checkpoints(doors, moment):
     a, b = (doors["cli_forget"], doors["dagster_forget"]) if moment == "after forget" else (doors["cli"], doors["dagster"])
-    assert a["plan"] == b["plan"]
-    assert a["files"].keys() == b["files"].keys() and a["files"] == b["files"]  # same keys, byte-identical weights
+    assert a["plan"] == b["plan"]  # same choices: shard -> sequence, depth
+    assert a["served_files"] == b["served_files"]  # the served checkpoints, byte-identical weights
+    assert a["files"].keys() == b["files"].keys() and a["files"] == b["files"]  # every live checkpoint too
     assert a["depths"] == b["depths"] and a["count"] == b["count"] == "1"
+    assert a["deletions"] == b["deletions"]  # the same ledger of requests: honoured, erased, retrained by either door
+
+
+def test_both_doors_stamp_the_deletion_retrained(doors):
+    for door in ("cli", "dagster"):
+        d = doors[door]["deletions"]
+        assert d["honoured_at"] == d["erased_at"] == d["retrained_at"] == [True], (door, d)
+    for door in ("cli_forget", "dagster_forget"):
+        assert doors[door]["deletions"]["retrained_at"] == [False]
 
 
 def test_both_registries_honour_the_deletion_and_keep_no_tainted_version(doors):

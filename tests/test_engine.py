@@ -22,7 +22,7 @@ from s3t_ops.ledger import UnknownExampleError
 from s3t_ops.planner import plan_for_deletions, stages_to_retrain
 from s3t_ops.publish import Publisher
 from s3t_ops.trunk import TrunkCache
-from tests.conftest import toy_frame
+from tests.conftest import SHARED_SECRET, toy_frame
 
 M, L = 2, 3  # 2 shards x 3 slices, cyclic B = 3: 18 stages, every slice at positions 1, 2 and 3
 BASE = dict(shards=M, slices=L, budget=L, epochs=2, batch_size=8, lr=5e-3, max_tokens=16, lora_rank=4, lora_alpha=8,
@@ -35,7 +35,7 @@ def make_cfg(backbone_dir: Path, state_dir: Path, **changes) -> S3TConfig:
 
 def create(cfg: S3TConfig, source) -> S3T:
     """A new state with no registry (the ledger is the record; registry tests live in test_registry.py)."""
-    return S3T.create(cfg, source, publisher=Publisher(), progress=False)
+    return S3T.create(cfg, source, publisher=Publisher(), progress=False, secret=SHARED_SECRET)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,4 +1,5 @@
-"""The memorization asset group in-process: scores (proxies + S3T inventory) -> unlearned model -> report + MLflow runs."""
+"""The memorization job in-process: scores (proxies + S3T inventory) -> unlearned model -> report + MLflow runs, each
+recorded as a materialization of its (external) asset."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import torch
 
-from pipelines.memorization_definitions import build_memorization_definitions
+from pipelines.definitions import build_definitions
 from pipelines.settings import PipelineSettings
 from tests.conftest import toy_frame
 
@@ -29,15 +30,17 @@ def test_memorization_assets_materialize_in_process(tmp_path, tiny_config):
         engine.build_trunk()
         engine.train()
         uri = f"sqlite:///{tmp_path}/mlflow.db"
-        defs = build_memorization_definitions(PipelineSettings(cfg=cfg, tracking_uri=uri))
-        assets = [defs.resolve_assets_def(k) for k in ("memorization_scores", "rum_unlearned", "unlearning_report")]
+        defs = build_definitions(PipelineSettings(cfg=cfg, tracking_uri=uri))
         run_config = {"ops": {
             "memorization_scores": {"config": {"epochs": 1, "lr": 5e-3, "subsampled": True, "subsample_models": 2}},
             "rum_unlearned": {"config": {"method": "rum_f", "proxy": "inventory", "n_forget": 6}},
             "unlearning_report": {"config": {"controls": True}},
         }}
-        result = dg.materialize(assets, run_config=run_config)  # resolved: resources already bound
+        instance = dg.DagsterInstance.ephemeral()
+        result = defs.resolve_job_def("memorization").execute_in_process(run_config=run_config, instance=instance)
         assert result.success
+        for key in ("memorization_scores", "rum_unlearned", "unlearning_report"):  # shown on the asset, as materialized
+            assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None
         meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
         scores = meta["memorization_scores"]
         assert {"confidence", "holdout_retraining", "inventory", "memorization"} <= set(scores["columns"].data)

@@ -42,7 +42,7 @@ def _doors(root, name: str, backbone, data, storage_url: str | None) -> dict:
     cli = unlearn_command(cfg.state_dir, method="rum_f", n_forget=6, mcfg=tiny)
     scores = materialize_scores(engine, tiny, holdout=False, inventory=True)
     unlearned = materialize_unlearned(engine, "vanilla", "confidence", None, 6)
-    report = materialize_report(engine, controls=False, tracker=tracker_for(cfg.state_dir))
+    report = materialize_report(engine, controls=False, tracker=tracker_for(engine))
     return {"engine": engine, "cli": cli, "scores": scores, "unlearned": unlearned, "report": report,
             "files": _artifact_files(engine.storage)}
 

@@ -87,7 +87,7 @@ def doors(tmp_path_factory, tiny_backbone_dir):
         cli = unlearn_command(state, method="rum_f", n_forget=6, mcfg=tiny, tracking_uri=uri)
         materialize_scores(engine, tiny, holdout=False, inventory=False)
         materialize_unlearned(engine, "vanilla", "confidence", None, 6)
-        report = materialize_report(engine, controls=False, tracker=tracker_for(state, uri))
+        report = materialize_report(engine, controls=False, tracker=tracker_for(engine, uri))
         train = set(engine.ledger.examples("train")["id"])
         val, test = (set(engine.ledger.examples(s)["id"]) for s in ("val", "test"))
         backup = root / "backup"

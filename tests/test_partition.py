@@ -4,7 +4,11 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from s3t_ops.partition import assign, assign_all, slice_version
+from s3t_ops.partition import assign, assign_all
+from s3t_ops.tombstones import Keyring
+
+KEYS = Keyring(bytes(range(32)))
+slice_version = KEYS.slice_version
 
 
 def _ids(n: int, seed: int = 0) -> list[str]:
@@ -67,3 +71,20 @@ def test_slice_version_changes_iff_members_change():
     assert slice_version([]) != v and slice_version([]) == slice_version([])
     # ids are separated, so concatenations cannot collide
     assert slice_version(["ab", "c"]) != slice_version(["a", "bc"])
+
+
+def test_slice_version_is_keyed_so_a_text_cannot_confirm_a_deletion():
+    """Without the state's key, "current members + a candidate id" cannot be hashed into an older version: neither a
+    plain hash of the members nor another state's key reproduces it."""
+    import hashlib
+
+    ids = _ids(30)
+    before = slice_version(ids)
+    h = hashlib.sha256()
+    for i in sorted(ids):
+        h.update(i.encode())
+        h.update(b"\n")
+    assert before != h.hexdigest()[:16]  # the plain hash the ledger used to keep
+    other = Keyring(bytes(range(1, 33)))
+    assert other.slice_version(ids) != before
+    assert Keyring(bytes(range(32))).slice_version(ids) == before  # same key, same members: same version

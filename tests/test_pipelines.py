@@ -18,17 +18,17 @@ from tests.conftest import toy_frame
 def test_default_definitions_load():
     from pipelines.definitions import defs
 
-    from pipelines.memorization_definitions import defs as memorization_defs
-
-    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    executable = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_executable}
     L = load_settings().cfg.slices
-    # "Materialize all" in this location trains S3T only: the memorization models live in their own location
-    assert keys == {"examples", "slice_data", "s3t_ensemble", *(f"stage_{k}" for k in range(1, L + 1))}
-    graph = memorization_defs.resolve_asset_graph()
+    # "Materialize all" (any page) covers the executable assets only: S3T's; the memorization models run only when asked
+    assert executable == {"examples", "slice_data", "s3t_ensemble", *(f"stage_{k}" for k in range(1, L + 1))}
+    assert keys - executable == {"memorization_scores", "rum_unlearned", "unlearning_report"}
     for key in ("memorization_scores", "rum_unlearned", "unlearning_report"):
         node = graph.get(dg.AssetKey(key))
         assert node.group_name == "memorization" and node.automation_condition is None  # never auto-materialized
-    for job in ("forget", "find_examples", "serve", "refresh_slices"):
+    for job in ("forget", "find_examples", "serve", "refresh_slices", "memorization"):
         assert defs.resolve_job_def(job) is not None
     assert {s.name for s in defs.sensors} == {"deletion_sensor", "s3t_automation"}
     assert defs.resolve_schedule_def("retrain_stale_stages").default_status == dg.DefaultScheduleStatus.RUNNING

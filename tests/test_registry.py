@@ -8,7 +8,7 @@ import os
 import pandas as pd
 import pytest
 
-from s3t_ops.registry import INVALIDATED_TAG, plan_digest
+from s3t_ops.registry import plan_digest
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +86,12 @@ def test_champion_round_trip_and_forget_moves_it(trained):
     stale = {k for keys in record["checkpoints"].values() for k in keys} - {
         k for keys in engine.served()[1]["checkpoints"].values() for k in keys}
     assert stale and old_files and not [p for p in (root / "state" / "mlartifacts").rglob("*.safetensors") if p.stem in stale]
-    invalid = tracker.client.search_runs([tracker.experiment_id], f"tags.`{INVALIDATED_TAG}` = 'true'")
     every = engine.ledger.checkpoints(live_only=False)
     purged = set(every[every["purge_reason"].fillna("").str.startswith("stale")]["key"])
     assert stale <= purged and len(purged) == report.purged_checkpoints
-    assert {r.data.tags["s3t.checkpoint_key"] for r in invalid} == purged  # every invalidated stage run is marked
+    stage_runs = {r.data.tags["s3t.checkpoint_key"] for r in tracker.search("tags.`s3t.kind` = 'stage'", deleted=True)}
+    assert stage_runs and not stage_runs & purged  # every stage run of a checkpoint that saw the example is hard-deleted
+    assert stage_runs == set(engine.checkpoint_rows())  # the live checkpoints keep theirs
     assert tracker.purge_superseded(engine) == []  # idempotent; the champion is never purged
 
 

@@ -19,7 +19,7 @@ from s3t_ops.engine import S3T
 from s3t_ops.erasure import erase_pending, traces
 from s3t_ops.publish import Publisher
 from s3t_ops.storage import StorageError
-from tests.conftest import toy_frame
+from tests.conftest import SHARED_SECRET, toy_frame
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -73,7 +73,7 @@ def all_slices(eng: S3T) -> None:
 
 def run_flow(cfg: S3TConfig, data: Path) -> dict:
     """train -> forget one example in each shard -> retrain, with the pipeline's slice files written after each."""
-    eng = S3T.create(cfg, data, publisher=Publisher(), progress=False)
+    eng = S3T.create(cfg, data, publisher=Publisher(), progress=False, secret=SHARED_SECRET)  # one keyspace: comparable keys
     eng.fit()
     all_slices(eng)
     train = eng.examples("train").sort_values("id")

@@ -67,11 +67,13 @@ def log_runs(tracker: "Tracker", report: dict[str, Any], seed: int, group: str, 
     return out
 
 
-def tracker_for(state_dir: str | Path, tracking_uri: str | None = None) -> "Tracker":
+def tracker_for(engine: "S3T", tracking_uri: str | None = None) -> "Tracker":
+    """The state's MLflow store (or `tracking_uri`), experiment EXPERIMENT; runs carry the state's id, so the state's
+    erasure finds them."""
     from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
 
-    uri = tracking_uri or default_tracking_uri(state_dir)
-    return Tracker(uri, experiment=EXPERIMENT, artifact_root=default_artifact_root(state_dir))
+    uri = tracking_uri or default_tracking_uri(engine.root)
+    return Tracker(uri, experiment=EXPERIMENT, artifact_root=default_artifact_root(engine.root), state_id=engine.ledger.get_meta("state_id"))
 
 
 # --- the steps ----------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def unlearn_command(
         note(total, "inventory estimate")
         inventory = scores.inventory_scores(engine)
     group = stamp()
-    tracker = tracker_for(state_dir, tracking_uri) if mlflow else None
+    tracker = tracker_for(engine, tracking_uri) if mlflow else None
     reports, run_ids, model_path = [], {}, None
     with store.writer(engine.storage, store.run_name(group, method),
                       wf.data_ids(splits, val=proxy == "holdout_retraining", test=True)) as run:
