@@ -6,7 +6,7 @@
   severity and lists the stale (shard, sequence) partitions in its description and metadata: Dagster's graph
   does not show the staleness of partitioned assets (dagster-io/dagster#22553), but it turns a card red for a
   failed ERROR check, so the stages a deletion staled are visible where users look. Every run that
-  materializes stage partitions evaluates it again (checks ride along with their asset), and so does the
+  materializes stage partitions is followed by its evaluation (its automation condition), and so does the
   `serve` run the deletion sensor starts, so it passes again once they have retrained.
 """
 
@@ -21,7 +21,7 @@ def slice_data_holds_no_deleted_id(s3t: S3TResource) -> dg.AssetCheckResult:
     from s3t_ops.erasure import traces
 
     engine = s3t.engine(load_backbone=False, repair=False)
-    found = traces(engine)
+    found = traces(engine.state)
     return dg.AssetCheckResult(passed=not found, metadata={"deleted_examples": len(engine.ledger.deleted()),
                                                            "files_holding_deleted_rows": dg.MetadataValue.json(found)})
 
@@ -41,7 +41,10 @@ def exactness_audit(s3t: S3TResource) -> dg.AssetCheckResult:
 
 def build_stage_checks(L: int) -> list[dg.AssetChecksDefinition]:
     def make(k: int) -> dg.AssetChecksDefinition:
-        @dg.asset_check(asset=f"stage_{k}", name=f"stage_{k}_is_current",
+        # evaluated again after every materialization of the stage, whatever launched it (a backfill, the nightly
+        # schedule's runs, automation): the automation sensor runs it (`any_deps_updated`), so a retrained stage's
+        # check passes again; the `serve` run after a forget evaluates it too (nothing is materialized then)
+        @dg.asset_check(asset=f"stage_{k}", name=f"stage_{k}_is_current", automation_condition=dg.AutomationCondition.any_deps_updated(),
                         description=f"No partition of stage_{k} awaits retraining (a deletion in one of its slices stales it; "
                                     "failed = the partitions listed serve no more until they retrain).")
         def _check(s3t: S3TResource) -> dg.AssetCheckResult:

@@ -15,11 +15,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
-    """Until `url` answers 200; fails at once if the server process exited."""
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None) -> None:
+    """Until `url` answers 200; fails at once if the server process (when given) exited."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited early with {proc.returncode}: {url}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
