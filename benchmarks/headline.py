@@ -139,11 +139,12 @@ class Seed:
 
     @property
     def data(self):
-        """The shared data view (ledger, trunk, labels) every baseline reads: from the layered state."""
+        """The shared data view (ledger, trunk, labels) every baseline reads, and the request orders: from a state of the
+        same data that nothing trains or deletes from (a resumed process must see the data the first one saw)."""
         from s3t_ops.baselines import SharedData
 
         if self._data is None:
-            self._data = SharedData.from_engine(self.engine("s3t"))
+            self._data = SharedData.from_engine(self.engine("data"))
         return self._data
 
     def victims(self, prior: tuple[float, ...] | None = None) -> list[str]:

@@ -85,7 +85,7 @@ def run_times(port: int, run_id: str) -> dict:
 def ui_door(args, state: Path, victims: list[str], home: Path) -> list[dict]:
     from dagster_graphql import DagsterGraphQLClient
 
-    from s3t_ops.registry import Tracker, default_tracking_uri
+    from s3t_ops.tracker import Tracker, default_tracking_uri
 
     rows = []
     with DagsterDev(home, _env(S3T_STATE=str(state))) as dev:
@@ -124,6 +124,7 @@ def bulk(args, root: Path) -> dict:
     from s3t_ops.config import S3TConfig
     from s3t_ops.engine import S3T
     from s3t_ops.publish import Publisher
+    from s3t_ops.serving import plan_in
 
     cfg = S3TConfig(shards=5, slices=3, budget=3, n_train=args.bulk_n_train, n_val=500, n_test=500, backbone=args.backbone,
                     state_dir=root / "bulk")
@@ -133,10 +134,10 @@ def bulk(args, root: Path) -> dict:
     single_s = []
     for i in singles:
         t = time.perf_counter()
-        engine.ledger.honour([i], engine._plan_in)
+        engine.ledger.honour([i], plan_in(engine.state))
         single_s.append(time.perf_counter() - t)
     t = time.perf_counter()
-    receipt = engine.ledger.honour(batch, engine._plan_in)
+    receipt = engine.ledger.honour(batch, plan_in(engine.state))
     honour_s = time.perf_counter() - t
     t = time.perf_counter()
     report = engine.forget(batch[:1])  # already deleted: erasure of everything pending (the ledger's compaction)

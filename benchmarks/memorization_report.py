@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from s3t_ops.memorization import workflow as wf
     from s3t_ops.memorization.config import (TUNED, MemorizationConfig, full_rum_schedule, neggrad_plus_schedule,
                                               tuned_rum_f_schedule, tuned_rum_schedule)
-    from s3t_ops.memorization.model import train_classifier
+    from s3t_ops.classifier import train_classifier
 
     t0 = time.perf_counter()
     from benchmarks.common import machine as machine_info

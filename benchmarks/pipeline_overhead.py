@@ -43,7 +43,7 @@ def run(out: Path, quick: bool = False, deletions: int = 3, backbone: str | None
     from pipelines.settings import PipelineSettings
     from s3t_ops.config import S3TConfig
     from s3t_ops.engine import S3T
-    from s3t_ops.registry import Tracker
+    from s3t_ops.tracker import Tracker
 
     out.mkdir(parents=True, exist_ok=True)
     state = Path(tempfile.mkdtemp(prefix="s3t-pipeline-"))

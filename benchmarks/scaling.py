@@ -214,7 +214,7 @@ def flow(spec: dict) -> dict:
     engine = S3T.open(state, progress=False, repair=False)
     return {
         "phases": phases, "steps": steps, "runs": runs, "victims": victims, "coordinator_pid": os.getpid(),
-        "checkpoints": {k: hashlib.sha256(engine.store.path(k).read_bytes()).hexdigest() for k in engine.checkpoint_rows()},
+        "checkpoints": {k: hashlib.sha256(engine.checkpoints.path(k).read_bytes()).hexdigest() for k in engine.checkpoint_rows()},
         "served_plan": engine.served()[1], "missing_after": len(engine.missing_stages()),
     }
 

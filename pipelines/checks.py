@@ -21,7 +21,7 @@ def slice_data_holds_no_deleted_id(s3t: S3TResource) -> dg.AssetCheckResult:
     from s3t_ops.erasure import traces
 
     engine = s3t.engine(load_backbone=False, repair=False)
-    found = traces(engine)
+    found = traces(engine.state)
     return dg.AssetCheckResult(passed=not found, metadata={"deleted_examples": len(engine.ledger.deleted()),
                                                            "files_holding_deleted_rows": dg.MetadataValue.json(found)})
 

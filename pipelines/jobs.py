@@ -25,7 +25,7 @@ def forget_examples(context: dg.OpExecutionContext, config: ForgetConfig, s3t: S
         raise _refuse('nothing to forget: `ids` is empty or holds a blank id; give ids or exact texts, e.g. ids: ["<id>"]')
     engine = s3t.engine(load_backbone=False, run_id=context.run_id)
     try:
-        report = engine.forget(engine.resolve(ids))
+        report = engine.forget(ids, texts=True)
     except (UnknownExampleError, ValueError) as exc:
         raise _refuse(str(exc)) from None
     except PublishError as exc:  # honoured and erased locally; the registry is retried by the next run or command

@@ -26,12 +26,12 @@ class MlflowResource(dg.ConfigurableResource):
     experiment: str = "s3t"
 
     def publisher(self, state_dir: str):
-        from s3t_ops.publish import MlflowPublisher
+        from s3t_ops.registry import MlflowPublisher
 
         return MlflowPublisher(state_dir, self.tracking_uri or None, self.model_name, self.experiment)
 
     def tracker(self, engine, experiment: str | None = None):
-        from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
+        from s3t_ops.tracker import Tracker, default_artifact_root, default_tracking_uri
 
         state_dir = engine.root
         uri = self.tracking_uri or default_tracking_uri(state_dir)

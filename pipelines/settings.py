@@ -45,6 +45,9 @@ class PipelineSettings:
 
 
 def load_settings(env: dict[str, str] | None = None) -> PipelineSettings:
+    from s3t_ops.publish import user_tracking_uri
+
+    tracking_uri = user_tracking_uri(env) or ""
     env = dict(os.environ if env is None else env)
     state = Path(env.get("S3T_STATE", "s3t_state"))
     if (state / "config.json").is_file():
@@ -65,7 +68,7 @@ def load_settings(env: dict[str, str] | None = None) -> PipelineSettings:
         retrain_policy=env.get("S3T_RETRAIN", "nightly"),
         retrain_cron=env.get("S3T_RETRAIN_CRON", "0 2 * * *"),
         model_name=env.get("S3T_MODEL_NAME", "s3t-ensemble"),
-        tracking_uri=env.get("MLFLOW_TRACKING_URI", ""),
+        tracking_uri=tracking_uri,
         executor=env.get("S3T_EXECUTOR", "multiprocess"),
         dask_address=env.get("S3T_DASK_ADDRESS", ""),
         dask_workers=_int(env, "S3T_DASK_WORKERS", 2),

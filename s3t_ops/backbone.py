@@ -106,6 +106,8 @@ class Backbone:
                 model.add_adapter(adapter_name(k), lcfg)
         self.peft = model
         self.encoder = model.base_model.model  # the BertModel with LoRA layers injected
+        self.device = placement(cfg.device)
+        self.peft.to(self.device)
         self.peft.eval()
         self._freeze()
 
@@ -141,7 +143,7 @@ class Backbone:
         from peft import get_peft_model_state_dict
 
         sd = get_peft_model_state_dict(self.peft, adapter_name=adapter_name(k))
-        return {key: t.detach().clone().contiguous() for key, t in sd.items()}
+        return {key: t.detach().cpu().clone().contiguous() for key, t in sd.items()}  # saved from the CPU: canonical bytes
 
     def load_group(self, k: int, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
@@ -159,12 +161,13 @@ class Backbone:
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embedding layer's output (block 0's input): what `trunk_states` returns for block 0, bit for bit."""
-        return self.encoder.embeddings(input_ids=input_ids)
+        return self.encoder.embeddings(input_ids=input_ids.to(self.device))
 
     @torch.no_grad()
     def trunk_states(self, input_ids: torch.Tensor, mask: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
         """Frozen hidden states entering each block in `blocks`, from one pass that stops at the deepest needed."""
         blocks = sorted(set(blocks))
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         with self.peft.disable_adapter():
             h = self.encoder.embeddings(input_ids=input_ids)
             ext = extended_mask(mask, h.dtype)
@@ -179,6 +182,7 @@ class Backbone:
 
     def run_from(self, h: torch.Tensor, mask: torch.Tensor, start_block: int) -> torch.Tensor:
         """Blocks start_block..n-1 with the currently active adapters, then mean pooling."""
+        h, mask = h.to(self.device), mask.to(self.device)
         ext = extended_mask(mask, h.dtype)
         for layer in self.encoder.encoder.layer[start_block:]:
             h = layer(h, attention_mask=ext)
@@ -189,6 +193,19 @@ class Backbone:
         self.peft.eval()
         for b in blocks:
             self.encoder.encoder.layer[b].train()
+
+
+def placement(device: str) -> torch.device:
+    """Where the backbone computes: the CPU, or a GPU with deterministic kernels (so that retraining a stage on the same
+    GPU gives the bytes a training from scratch gives); `auto` picks cuda when torch sees one."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise BackboneError("device cuda: torch finds no GPU here (use --device cpu or auto)")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode, before CUDA starts
+        torch.use_deterministic_algorithms(True)
+    return torch.device(device)
 
 
 def new_head(hidden: int, num_labels: int, seed: int) -> nn.Linear:

@@ -49,7 +49,7 @@ def canonical_bytes(state: dict[str, "torch.Tensor"]) -> bytes:
     return save_bytes({k: v.detach().contiguous() for k, v in sorted(state.items())})
 
 
-class CheckpointStore:
+class CheckpointFiles:
     """Safetensors files under `checkpoints/` of a `Storage`, one per key; writes are atomic, loads are verified."""
 
     PREFIX = "checkpoints"

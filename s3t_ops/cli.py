@@ -8,58 +8,50 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-DEFAULT_STATE = os.environ.get("S3T_STATE", "s3t_state")
-# read once: mlflow.set_tracking_uri() writes this variable, so later reads in-process see the last store used
-ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
-# config flags -> S3TConfig fields (flags default to None, so an explicit flag is known apart from a default)
-CONFIG_FLAGS = {"shards": "shards", "slices": "slices", "budget": "budget", "selection": "selection",
-                "deletion_prior": "deletion_prior", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-                "lora_rank": "lora_rank", "max_tokens": "max_tokens", "n_train": "n_train", "n_val": "n_val",
-                "n_test": "n_test", "seed": "seed", "backbone": "backbone", "storage_url": "storage_url"}
-
+from s3t_ops.args import read_id_file as _read_id_file
+from s3t_ops.args import state_arg as _state_arg
+from s3t_ops.memorization.cli import add_unlearn_parser as _unlearn_parser
+from s3t_ops.memorization.cli import cmd_unlearn
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    from s3t_ops.config import S3TConfig
-    from s3t_ops.sequences import SELECTIONS
+    """One flag per config field marked as a flag (s3t_ops/config.py declares them, with their help)."""
+    from s3t_ops.config import S3TConfig, flag_fields
 
-    d = S3TConfig()
+    defaults = S3TConfig()
     g = p.add_argument_group("model config (fixed when a state folder is created; on an existing state a flag must match it)")
-    g.add_argument("--shards", type=int, help=f"m, number of shards (default {d.shards})")
-    g.add_argument("--slices", type=int, help=f"L, slices per shard = LoRA groups (default {d.slices})")
-    g.add_argument("--budget", type=int, help=f"B, sequences per shard (default {d.budget})")
-    g.add_argument("--selection", choices=SELECTIONS, help=f"sequence selection (default {d.selection})")
-    g.add_argument("--deletion-prior", type=float, nargs="+", help="per-slice deletion probabilities for --selection bms")
-    g.add_argument("--epochs", type=int, help=f"epochs per stage (default {d.epochs})")
-    g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
-    g.add_argument("--lr", type=float, help=f"learning rate of LoRA and head (default {d.lr})")
-    g.add_argument("--lora-rank", type=int, help=f"LoRA rank r; alpha = 2r (default {d.lora_rank})")
-    g.add_argument("--max-tokens", type=int, help=f"tokens per text (default {d.max_tokens})")
-    g.add_argument("--n-train", type=int, help=f"training examples to sample (default {d.n_train}; 0 = all)")
-    g.add_argument("--n-val", type=int, help=f"(default {d.n_val})")
-    g.add_argument("--n-test", type=int, help=f"(default {d.n_test})")
-    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    g.add_argument("--backbone", help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
-    g.add_argument("--storage-url", help="where the trunk cache, slice files and checkpoints live: an fsspec URL "
-                                         "(s3://bucket/prefix, gs://..., a folder); default: the state folder. The ledger stays there")
+    for f in flag_fields():
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        default = getattr(defaults, f.name)
+        extra: dict = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        if kind.startswith("tuple[float"):
+            extra.update(type=float, nargs="+")
+        elif kind.startswith("int"):
+            extra["type"] = int
+        elif kind.startswith("float"):
+            extra["type"] = float
+        shown = "" if default is None else f" (default {default})"
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=f.metadata["help"] + shown, **extra)
 
 
 def _explicit(args: argparse.Namespace) -> dict:
-    """Config fields the user gave on the command line."""
+    """Config fields the user gave on the command line (flags default to None, so an explicit flag is known apart
+    from a default)."""
+    from s3t_ops.config import flag_fields
+
     out = {}
-    for flag, name in CONFIG_FLAGS.items():
-        value = getattr(args, flag, None)
+    for f in flag_fields():
+        value = getattr(args, f.name, None)
         if value is None:
             continue
-        if name == "deletion_prior":
+        if isinstance(value, list):
             value = tuple(value)
-        if name == "n_train" and value == 0:
+        if f.metadata.get("zero_means_all") and value == 0:
             value = None
-        out[name] = value
+        out[f.name] = value
     if "lora_rank" in out:
         out["lora_alpha"] = 2 * out["lora_rank"]
     return out
@@ -83,8 +75,12 @@ def _check_matches(cfg, args: argparse.Namespace) -> None:
                              f"created (use a new --state folder for another config)")
 
 
-def _state_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state", default=DEFAULT_STATE, help="state folder: ledger, trunk cache, checkpoints, registry (default: $S3T_STATE or ./s3t_state)")
+def _workers_arg(p: argparse.ArgumentParser) -> None:
+    from s3t_ops.training import default_workers
+
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes that train stages (and build the trunk) side by side, one torch thread each; the "
+                        "checkpoints are the same bytes for any number (default: one per core, %(default)s here)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train on the packaged tweets, honour random deletions, retrain; ends at the registry's champion")
     _state_arg(p)
+    _workers_arg(p)
     p.add_argument("--fresh", action="store_true", help="delete an existing state folder first")
     p.add_argument("--deletions", type=int, default=4, help="random training examples to forget, one request at a time (default 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -114,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     _state_arg(p)
     p.add_argument("--source", default=None, help="CSV/Parquet with text,label[,id] columns, UTF-8 (default: the packaged tweets)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _workers_arg(p)
+    p.add_argument("--policy", choices=("all", "cheapest"), default="all",
+                   help="which stale (shard, sequence) chains to retrain: all, or per shard the cheapest to bring back to full "
+                        "depth (the others wait for a later run; the served plan keeps the best valid prefix) (default %(default)s)")
+    p.add_argument("--budget-steps", type=int, default=None,
+                   help="cap on this run's gradient example-steps; chains are taken cheapest first while they fit (default: none)")
     _config_args(p)
 
     p = sub.add_parser("forget", help="delete examples: honoured at once by a new serving plan (no training), champion moved, data erased")
@@ -137,78 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("repair", help="finish what an interrupted command left (every command does this first) and print what was done")
     _state_arg(p)
 
+    p = sub.add_parser(
+        "serve", help="serve predictions over HTTP (MLflow's scoring protocol) that follow every deletion at once",
+        description="A long-running HTTP server speaking MLflow's scoring protocol (GET /ping /health /version, POST "
+                    "/invocations with dataframe_split, dataframe_records, instances, inputs or CSV; answers carry the "
+                    "plan_id that computed them). Every request reads the plan in force, so a request that starts after a "
+                    "forget returned (through any door) is answered by a plan that honours it; no restart. POST /forget "
+                    "{\"ids\": [...]} honours deletions itself (Authorization: Bearer <token>: the state's server.token, "
+                    "or --token-file); it is off without a token file. SIGTERM drains in-flight requests.")
+    _state_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=5001, help="port (default %(default)s)")
+    p.add_argument("--token-file", help="the bearer token of POST /forget (default: <state>/server.token)")
+    p.add_argument("--max-rows", type=int, default=1024, help="rows (texts, or ids to forget) per request (default %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default %(default)s)")
+    p.add_argument("--max-batch-rows", type=int, default=256,
+                   help="texts of concurrent requests run through one shared-trunk pass (1: no micro-batching; default %(default)s)")
+
     _unlearn_parser(sub)
     return parser
-
-
-def _unlearn_parser(sub) -> None:
-    from s3t_ops.memorization.config import UNLEARN_METHODS, UNLEARN_PROXIES, MemorizationConfig
-
-    d = MemorizationConfig()
-    p = sub.add_parser(
-        "unlearn", help="APPROXIMATE unlearning (RUM and baselines) of a monolithic model on the state's data, scored against a retrained oracle",
-        description="APPROXIMATE unlearning, for models not trained with S3T: a monolithic model (the frozen backbone, LoRA on "
-                    "the top --depth group(s), a head) is trained on the state's live training data (cached under "
-                    "memorization/ in the state's storage: the state folder or its --storage-url), then the forget set "
-                    "is unlearned by --method and scored against an oracle retrained without it (accuracy on "
-                    "forget/retain/test, SVC-MIA, ToW, ToW-MIA). No guarantee holds: "
-                    "the weights may still carry information about the forgotten examples. The S3T state (ledger, "
-                    "checkpoints, served model) is NOT changed; `s3t forget` is the exact path. Writes "
-                    "memorization/runs/<stamp>-<method>/report.json (+ report.png, the unlearned model) and "
-                    "logs one MLflow run per variant and seed.")
-    _state_arg(p)
-    p.add_argument("--method", default="rum", choices=UNLEARN_METHODS,
-                   help="rum: full RUM (nothing -> fine-tune -> SalUn over low/mid/high memorization bins); rum_f: RUM^F "
-                        "(NegGrad+ in every bin); vanilla: NegGrad+ on the whole forget set; or one method on the whole "
-                        "forget set (default %(default)s)")
-    p.add_argument("--proxy", default="confidence", choices=UNLEARN_PROXIES,
-                   help="what RUM ranks the forget set by: a training-time proxy, holdout retraining, or the free estimate "
-                        "from the S3T checkpoint inventory (default %(default)s; unused by single methods)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--forget", metavar="FILE", help="ids to forget: one per line, or a CSV with an `id` column "
-                                                        "(live training examples of the state)")
-    which.add_argument("--n-forget", type=int, default=30, metavar="N", help="without --forget: this many training ids chosen by a seeded hash (default %(default)s)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds --seed, --seed+1, ... (same forget set); the report "
-                                                        "gives mean and 95%% interval (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="first seed (default %(default)s)")
-    p.add_argument("--controls", action="store_true", help="with rum/rum_f: also run the shuffle control (random bins) and vanilla NegGrad+")
-    p.add_argument("--no-oracle", action="store_true", help="skip retraining the oracle: accuracies and MIA only, no ToW")
-    p.add_argument("--depth", type=int, default=d.depth, help="top groups with a trained LoRA (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the original model and the oracle (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="their learning rate (AdamW, default %(default)s)")
-    p.add_argument("--retrain", action="store_true", help="retrain the cached original model")
-    p.add_argument("--tracking-uri", default=ENV_TRACKING_URI, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or <state>/mlflow.db)")
-    p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _read_id_file(name: str) -> list[str]:
-    path = Path(name)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a file of ids")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    if path.suffix.lower() == ".csv":
-        import io
-
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
-            raise ValueError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[0]})") from None
-        if "id" not in frame.columns:
-            raise ValueError(f"{path}: needs an `id` column (found {', '.join(frame.columns) or 'none'})")
-        ids = frame["id"].str.strip()
-        blank = [i + 2 for i, v in enumerate(ids) if not v]  # +2: header line, 1-based
-        if blank:
-            raise ValueError(f"{path}: blank id on line(s) {blank[:5]}; nothing was deleted")
-        return ids.tolist()
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _read_ids(args: argparse.Namespace) -> list[str]:
@@ -234,6 +184,8 @@ def _open(state: str, progress: bool = False, warn: bool = True, check_registry:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
     from s3t_ops.demo import run_demo
     from s3t_ops.storage import Storage
 
@@ -251,13 +203,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(state)
     else:
         cfg = _config(args)
-    run_demo(cfg, deletions=args.deletions, progress=not args.quiet)
+    run_demo(cfg, deletions=args.deletions, progress=not args.quiet, workers=args.workers)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from s3t_ops.engine import S3T
 
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.budget_steps is not None and args.budget_steps < 0:
+        raise ValueError(f"--budget-steps must be >= 0, got {args.budget_steps}")
     state = Path(args.state)
     if (state / "config.json").is_file():
         if args.source:
@@ -271,11 +227,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         engine = S3T.create(_config(args), args.source, progress=not args.quiet)
         counts = engine.examples().groupby("split").size().to_dict()
         print(f"ingested {counts} into {state}")
-    report = engine.fit()
+    report = engine.fit(policy=args.policy, budget=args.budget_steps, workers=args.workers)
     plan = engine.served_plan()
     version = engine.ledger.publication(engine.served()[0])[1]
     if report.discarded:
         print(f"discarded {report.discarded} stage(s) trained on data deleted meanwhile (never recorded; retrained on the new data)")
+    if report.deferred:
+        print(f"{report.deferred} stale chain(s) left for a later run by --policy {args.policy}"
+              + (f" / --budget-steps {args.budget_steps}" if args.budget_steps is not None else ""))
     print(f"trained {len(report.trained)} stages, reused {report.reused}, in {report.seconds:.1f}s; "
           f"served plan {engine.served()[0]}: {[(c.shard, c.seq, c.depth) for c in plan.choices]}"
           + (f"; registry champion = version {version}" if version is not None else "")
@@ -308,52 +267,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def status_dict(state: str, example_id: str | None = None) -> dict:
+    from s3t_ops.status import status
+
     engine = _open(state, warn=False, check_registry=True)
-    served = engine.served()
-    dels = engine.ledger.deletions()
-    counts = engine.examples().groupby("split").size().to_dict()
-    missing = engine.missing_stages()
-    out = {
-        "state": str(state), "config": engine.cfg.to_dict(), "examples": {k: int(v) for k, v in counts.items()},
-        "sequences": [list(p) for p in engine.sequences],
-        "deletions": {"total": len(dels), "honoured": int(dels["honoured_at"].notna().sum()),
-                      "erased": int(dels["erased_at"].notna().sum()), "retrained": int(dels["retrained_at"].notna().sum())},
-        "served_plan": None if served is None else {"plan_id": served[0], **served[1]["plan"]},
-        "registry": {"version": engine.ledger.publication(served[0])[1] if served else None,
-                     "published": bool(served and engine.ledger.publication(served[0])[0] is not None),
-                     "pending_erasure": len(engine.ledger.pending_erasure("registry")),
-                     "error": engine.last_repair.registry_error,
-                     **{k: v for k, v in engine.publisher.describe().items()}},
-        "stages": {"total": len({s.key for s in engine.stage_specs()}), "awaiting_retraining": len(missing)},
-        "repaired": engine.last_repair.actions,
-    }
-    if example_id is not None:
-        out["example"] = example_state(engine, example_id)
-    return out
-
-
-def example_state(engine, example_id: str) -> dict:
-    live = engine.examples()
-    row = live[live["id"] == example_id]
-    if len(row):
-        r = row.iloc[0]
-        return {"id": example_id, "state": "live", "split": r["split"],
-                **({"shard": int(r["shard"]), "slice": int(r["slice"])} if r["split"] == "train" else {})}
-    tomb = engine.ledger.tombstone(example_id)
-    dels = engine.ledger.deletions()
-    hit = dels[dels["tombstone"] == tomb]
-    if not len(hit):
-        return {"id": example_id, "state": "unknown"}
-    d = hit.iloc[0]
-    return {"id": example_id, "state": "deleted", "tombstone": tomb,
-            **{k: (None if pd_isna(d[k]) else str(d[k])) for k in ("requested_at", "honoured_at", "erased_at", "retrained_at")},
-            "honoured_by_plan": None if pd_isna(d["honoured_by_plan"]) else int(d["honoured_by_plan"])}
-
-
-def pd_isna(v) -> bool:
-    import pandas as pd
-
-    return bool(pd.isna(v))
+    return {"state": str(state), **status(engine, example_id)}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -396,7 +313,7 @@ def cmd_serve_plan(args: argparse.Namespace) -> int:
         raise RuntimeError("no plan served yet; run `s3t train` first")
     for keys in served[1]["checkpoints"].values():  # every served file is checked against its ledger hash
         for k in keys:
-            engine.store.read(k, engine.checkpoint_rows()[k]["sha256"])
+            engine.checkpoints.read(k, engine.checkpoint_rows()[k]["sha256"])
     print(json.dumps({"plan_id": served[0], **served[1]}, indent=2))
     return 0
 
@@ -410,6 +327,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from s3t_ops.server import ServerConfig, serve
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_rows < 1 or args.max_body_bytes < 1 or args.max_batch_rows < 1:
+        raise ValueError("--max-rows, --max-body-bytes and --max-batch-rows must be positive")
+    config = ServerConfig(token_file=Path(args.token_file) if args.token_file else None, max_body_bytes=args.max_body_bytes,
+                          max_rows=args.max_rows, max_batch_rows=args.max_batch_rows)
+    forget = "on" if (Path(args.token_file) if args.token_file else Path(args.state) / "server.token").is_file() else "off"
+
+    def ready(plan_id: int) -> None:
+        print(f"serving {args.state} (plan {plan_id}) on http://{args.host}:{args.port}/invocations; /forget {forget}", flush=True)
+
+    serve(args.state, args.host, args.port, config, ready)
+    return 0
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     engine = _open(args.state, warn=False, check_registry=True)
     for line in engine.last_repair.actions:
@@ -419,61 +354,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_unlearn(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from s3t_ops.memorization.config import MemorizationConfig
-    from s3t_ops.memorization.report import format_report
-    from s3t_ops.memorization.service import unlearn_command
-
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    forget = None
-    if args.forget:
-        forget = _read_id_file(args.forget)
-        if not forget:
-            raise ValueError(f"{args.forget}: no ids in the file")
-    elif args.n_forget < 1:
-        raise ValueError(f"--n-forget must be >= 1, got {args.n_forget}")
-    mcfg = MemorizationConfig(depth=args.depth, epochs=args.epochs, lr=args.lr, seed=args.seed)
-    import logging
-    import warnings
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-migration chatter between the bar and the report
-    with warnings.catch_warnings():  # mlflow nags about type hints on import
-        warnings.simplefilter("ignore", UserWarning)
-        import s3t_ops.registry  # noqa: F401
-    bar = None
-
-    def progress(total: int, phase: str) -> None:
-        nonlocal bar
-        if args.quiet:
-            return
-        if bar is None:
-            bar = tqdm(total=total, desc="approximate unlearning", unit="phase", dynamic_ncols=True, file=sys.stderr)
-        else:
-            bar.update(1)
-        bar.set_postfix_str(phase)
-
-    try:
-        result = unlearn_command(args.state, method=args.method, proxy=args.proxy, forget_ids=forget, n_forget=args.n_forget,
-                                 seeds=args.seeds, controls=args.controls, with_oracle=not args.no_oracle, mcfg=mcfg,
-                                 tracking_uri=args.tracking_uri, retrain=args.retrain, progress=progress)
-    except KeyError as exc:  # forget ids that are not live training examples
-        raise ValueError(exc.args[0] if exc.args else str(exc)) from None
-    finally:
-        if bar is not None:
-            bar.update(bar.total - bar.n)
-            bar.close()
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print(format_report(result))
-    return 0
-
-
 COMMANDS = {"unlearn": cmd_unlearn, "demo": cmd_demo, "train": cmd_train, "forget": cmd_forget, "status": cmd_status,
-            "serve-plan": cmd_serve_plan, "predict": cmd_predict, "repair": cmd_repair}
+            "serve-plan": cmd_serve_plan, "predict": cmd_predict, "repair": cmd_repair, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

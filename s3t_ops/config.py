@@ -15,9 +15,10 @@ TRUNK_DTYPES = ("float32", "float16", "bfloat16")
 # groups, the groups below stay the frozen backbone); "full_depth" = every stage adapts every group, warm-started from
 # the stage before it (SISA's slice checkpoints along S3T's sequences; with B = 1 it is classic SISA)
 STAGE_MODELS = ("layered", "full_depth")
+DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when a GPU is found when the state is created (then fixed)
 # fields added after the first release, with the behaviour states saved without them were trained with
 LEGACY_FIELDS: dict[str, Any] = {"frozen_blocks": 0, "warm_start_head": True, "refine_groups": False, "trunk_dtype": "float32",
-                                 "storage_url": None, "stage_model": "layered"}
+                                 "storage_url": None, "stage_model": "layered", "device": "cpu"}
 
 
 class ConfigError(ValueError):
@@ -28,40 +29,54 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
+def option(default: Any, help: str, flag: bool = True, **more: Any) -> Any:
+    """A config field with its help text: declared once here, it makes the CLI's flag (cli.py), the Dagster
+    settings (a JSON file of these fields, pipelines/settings.py) and its documentation."""
+    return field(default=default, metadata={"help": help, "flag": flag, **more})
+
+
 @dataclass(frozen=True)
 class S3TConfig:
-    """Everything that decides what is trained. Fields that change checkpoints enter `training_fingerprint`."""
+    """Everything that decides what is trained. Fields that change checkpoints enter `training_fingerprint`. The
+    state folder (`state_dir`) is where it lives, not what it is: kept apart, it is never saved with the rest."""
 
-    shards: int = 3
-    slices: int = 3
-    budget: int = 3
-    selection: str = "cyclic"
-    deletion_prior: tuple[float, ...] | None = None
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
+    shards: int = option(3, "m, number of shards")
+    slices: int = option(3, "L, slices per shard = LoRA groups")
+    budget: int = option(3, "B, sequences per shard")
+    selection: str = option("cyclic", "sequence selection", choices=SELECTIONS)
+    deletion_prior: tuple[float, ...] | None = option(None, "per-slice deletion probabilities for --selection bms")
+    lora_rank: int = option(8, "LoRA rank r (the flag also sets alpha = 2r)")
+    lora_alpha: int = option(16, "LoRA alpha", flag=False)
+    lora_dropout: float = option(0.1, "LoRA dropout", flag=False)
     # every linear layer of a BERT block ("output.dense" also matches "attention.output.dense"); the
     # stage ablation (BENCHMARKS.md) measured +3 points over query/value only
-    lora_targets: tuple[str, ...] = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
-    frozen_blocks: int = 0  # lowest blocks never adapted: one cached trunk below every group
-    warm_start_head: bool = True  # stage k's head starts from stage k-1's (its data is a prefix of stage k's)
-    refine_groups: bool = True  # stage k also keeps training groups 1..k-1 (from stage k-1's) on its prefix
-    stage_model: str = "layered"  # STAGE_MODELS above; full_depth ignores refine_groups (every group always trains)
-    trunk_dtype: str = "float32"  # how cached hidden states are stored (float16 halves the cache; read as float32)
-    epochs: int = 2
-    batch_size: int = 32
-    lr: float = 1e-3
-    max_tokens: int = 32
-    seed: int = 0
-    n_train: int | None = 1800
-    n_val: int | None = 300
-    n_test: int | None = 600
-    backbone: str | None = None  # a local HF model folder; None = the packaged all-MiniLM-L6-v2
+    lora_targets: tuple[str, ...] = option(("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+                                           "module names that get a LoRA", flag=False)
+    frozen_blocks: int = option(0, "lowest blocks never adapted: one cached trunk below every group", flag=False)
+    warm_start_head: bool = option(True, "stage k's head starts from stage k-1's", flag=False)
+    refine_groups: bool = option(True, "stage k also keeps training groups 1..k-1 on its prefix", flag=False)
+    stage_model: str = option("layered", "what a stage trains: layered (S3T's top-down groups) or full_depth (every "
+                                          "group, from the stage before: SISA's checkpoints along S3T's sequences)",
+                              choices=STAGE_MODELS)
+    trunk_dtype: str = option("float32", "how cached hidden states are stored (float16 halves the cache)", choices=TRUNK_DTYPES)
+    # the device decides the bits of a stage (a GPU's kernels are not the CPU's): in the fingerprint unless cpu, and
+    # `auto` is resolved (and saved) when a state is created
+    device: str = option("cpu", "where the trunk is computed and stages train: cpu, cuda (deterministic kernels), or auto "
+                                "(cuda when a GPU is found)", choices=DEVICES)
+    epochs: int = option(2, "epochs per stage")
+    batch_size: int = option(32, "batch size")
+    lr: float = option(1e-3, "learning rate of LoRA and head")
+    max_tokens: int = option(32, "tokens per text")
+    seed: int = option(0, "seed of the split, the partition and every stage")
+    n_train: int | None = option(1800, "training examples to sample (0 = all)", zero_means_all=True)
+    n_val: int | None = option(300, "validation examples (0 = all)", zero_means_all=True)
+    n_test: int | None = option(600, "test examples (0 = all)", zero_means_all=True)
+    backbone: str | None = option(None, "local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
     # where the trunk cache, slice files and checkpoints live (s3t_ops/storage.py): None = the state folder
-    # itself, else an fsspec URL (s3://bucket/prefix, gs://..., a local folder). Not in the fingerprint:
-    # where a checkpoint is stored does not change what it holds.
-    storage_url: str | None = None
-    state_dir: Path = field(default=Path("s3t_state"))
+    # itself, else an fsspec URL. Not in the fingerprint: where a checkpoint is stored does not change what it holds.
+    storage_url: str | None = option(None, "where the trunk cache, slice files and checkpoints live: an fsspec URL "
+                                           "(s3://bucket/prefix, gs://..., a folder); default: the state folder. The ledger stays there")
+    state_dir: Path = field(default=Path("s3t_state"), metadata={"runtime": True})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -99,6 +114,8 @@ class S3TConfig:
                 raise ConfigError("deletion_prior", "probabilities must lie in [0, 1]")
         if not isinstance(self.frozen_blocks, int) or isinstance(self.frozen_blocks, bool) or self.frozen_blocks < 0:
             raise ConfigError("frozen_blocks", f"must be a non-negative integer, got {self.frozen_blocks!r}")
+        if self.device not in DEVICES:
+            raise ConfigError("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.stage_model not in STAGE_MODELS:
             raise ConfigError("stage_model", f"must be one of {', '.join(STAGE_MODELS)}, got {self.stage_model!r}")
         if self.trunk_dtype not in TRUNK_DTYPES:
@@ -132,6 +149,18 @@ class S3TConfig:
             raise ConfigError("frozen_blocks", f"{self.frozen_blocks} frozen blocks leave {n_blocks - self.frozen_blocks} of the "
                                                f"backbone's {n_blocks} for L={self.slices} groups; freeze fewer")
 
+    def resolved(self) -> "S3TConfig":
+        """`device` auto made concrete (cuda when torch sees a GPU, else cpu); a state saves this. ConfigError when
+        cuda is asked for and there is none."""
+        if self.device == "cpu":
+            return self
+        import torch
+
+        found = torch.cuda.is_available()
+        if self.device == "cuda" and not found:
+            raise ConfigError("device", "cuda was asked for, but torch finds no GPU here (use --device cpu or auto)")
+        return self.replace(device="cuda" if found else "cpu")
+
     def active_groups(self, stage: int) -> int:
         """Groups (from the top) a model of depth `stage` runs with adapters on: the top `stage` ones for
         layered stages, every group for full-depth stages. Training and serving start from the trunk at
@@ -157,6 +186,8 @@ class S3TConfig:
             values["refine_groups"] = True
         if self.trunk_dtype != "float32":
             values["trunk_dtype"] = self.trunk_dtype
+        if self.device not in ("cpu", "auto"):
+            values["device"] = self.device
         if self.stage_model != "layered":
             values["stage_model"] = self.stage_model
             values.pop("refine_groups", None)  # implied: a full-depth stage trains every group
@@ -164,8 +195,8 @@ class S3TConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["state_dir"] = str(self.state_dir)
+        """The saved fields (config.json, registry params, the Dagster resource): everything but `state_dir`."""
+        d = {f.name: getattr(self, f.name) for f in fields_to_save()}
         d["lora_targets"] = list(self.lora_targets)
         d["deletion_prior"] = list(self.deletion_prior) if self.deletion_prior is not None else None
         return d
@@ -181,3 +212,21 @@ class S3TConfig:
 
     def replace(self, **changes: Any) -> "S3TConfig":
         return dataclasses.replace(self, **changes)
+
+
+def fields_to_save(cls: type = S3TConfig) -> list[dataclasses.Field]:
+    """The fields a config saves (all but runtime-only ones, such as S3TConfig's `state_dir`)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("runtime")]
+
+
+def flag_fields(cls: type = S3TConfig) -> list[dataclasses.Field]:
+    """The fields a door offers (a CLI flag `--name-with-dashes`, a Dagster config field), with their help and choices."""
+    return [f for f in fields_to_save(cls) if f.metadata.get("flag")]
+
+
+PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def plain_type(f: dataclasses.Field) -> type | None:
+    """int, float, str or bool for a field annotated as one of them (None for other annotations)."""
+    return PLAIN_TYPES.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))

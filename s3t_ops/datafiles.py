@@ -1,4 +1,5 @@
-"""The state's derived data files (trunk cache, slice Parquet) with the sha256 each was written with, in the ledger.
+"""The state's derived data files (trunk cache, slice Parquet): where they are, and the sha256 each was written
+with, in the ledger.
 
 Both are derived from the ledger's live examples, so a file that does not hold the bytes recorded for it (a
 flipped bit, a truncated copy, a crash between writing it and recording its hash) is never read: the caller
@@ -14,6 +15,34 @@ from s3t_ops.ledger import Ledger
 from s3t_ops.storage import Storage
 
 PREFIXES = ("trunk", "slices")
+
+
+def slice_file(shard: int, slc: int) -> str:
+    """A training slice's trunk cache file name."""
+    return f"train-s{shard}-j{slc}.safetensors"
+
+
+def slice_of(name: str) -> tuple[int, int] | None:
+    """(shard, slice) of a training slice's trunk cache file name; None for val/test."""
+    if not name.startswith("train-s"):
+        return None
+    s, j = name.removeprefix("train-s").removesuffix(".safetensors").split("-j")
+    return int(s), int(j)
+
+
+def trunk_file(name: str) -> str:
+    """A trunk cache file's path in the storage (`name`: a training slice's file, val or test)."""
+    return f"trunk/{name}"
+
+
+def slice_parquet(shard: int, slc: int) -> str:
+    """A slice's Parquet file's path in the storage (the pipeline's slice_data)."""
+    return f"slices/s{shard}-j{slc}.parquet"
+
+
+def parse_slice_parquet(rel: str) -> tuple[int, int]:
+    shard, slc = (int(x) for x in rel.removeprefix("slices/s").removesuffix(".parquet").split("-j"))
+    return shard, slc
 
 
 class DataFiles:
@@ -62,3 +91,4 @@ class DataFiles:
                 if ".tmp-" not in rel:
                     out[rel] = hashlib.sha256(self.storage.read_bytes(rel)).hexdigest()
         return out
+

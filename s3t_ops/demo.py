@@ -16,7 +16,9 @@ from s3t_ops.config import S3TConfig
 from s3t_ops.engine import S3T
 from s3t_ops.planner import ServingPlan
 from s3t_ops.publish import Publisher
-from s3t_ops.report import plot_deletions, write_json
+from s3t_ops import training
+from s3t_ops.files import write_json
+from s3t_ops.report import plot_deletions
 
 
 def _depths(plan: ServingPlan, m: int) -> dict[int, int]:
@@ -25,7 +27,7 @@ def _depths(plan: ServingPlan, m: int) -> dict[int, int]:
 
 
 def run_demo(cfg: S3TConfig, deletions: int = 4, source: str | None = None, say: Callable[[str], None] = print,
-             progress: bool = True, publisher: Publisher | None = None) -> dict[str, Any]:
+             progress: bool = True, publisher: Publisher | None = None, workers: int = 1) -> dict[str, Any]:
     """The life cycle on one new state folder; returns the summary also written to demo/summary.json."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -38,12 +40,12 @@ def run_demo(cfg: S3TConfig, deletions: int = 4, source: str | None = None, say:
         f"into {cfg.shards} shards x {cfg.slices} slices; sequences ({cfg.selection}, B={cfg.budget}): {engine.sequences}")
 
     t = time.perf_counter()
-    n = engine.build_trunk()
+    n = training.build_trunk(engine.state, workers)
     timings["trunk_s"] = time.perf_counter() - t
     say(f"trunk cache: {n} examples through the frozen backbone once ({timings['trunk_s']:.1f}s)")
 
     t = time.perf_counter()
-    report = engine.fit()
+    report = engine.fit(workers=workers)
     timings["train_s"] = report.seconds
     timings["fit_s"] = time.perf_counter() - t
     plan = engine.served_plan()
@@ -76,7 +78,7 @@ def run_demo(cfg: S3TConfig, deletions: int = 4, source: str | None = None, say:
 
     total_stages = len({s.key for s in engine.stage_specs()})
     missing = len(engine.missing_stages())
-    retrain = engine.retrain()
+    retrain = engine.retrain(workers=workers)
     plan = engine.served_plan()
     acc_r = engine.evaluate("test")
     retrained = {"stages_retrained": len(retrain.trained), "stages_total": total_stages, "stages_missing_before": missing,
@@ -105,7 +107,7 @@ def _check_champion(engine: S3T, victims: list[str], say: Callable[[str], None])
     """Load the champion from the registry as a serving system would and compare it with the engine."""
     import pandas as pd
 
-    from s3t_ops.registry import load_champion
+    from s3t_ops.champion import load_champion
 
     tracker = engine.publisher.tracker
     champ = tracker.champion()

@@ -37,7 +37,7 @@ class Ensemble:
         head = nn.Linear(self.backbone.hidden_size, self.num_labels)
         head.load_state_dict(split_state(sm.states[-1])[1])
         head.eval()
-        return head
+        return head.to(self.backbone.device)
 
     def shard_logits_from_trunk(self, trunk: TrunkCache, rows: torch.Tensor | None = None, batch_size: int = 256) -> dict[int, torch.Tensor]:
         rows = torch.arange(len(trunk)) if rows is None else rows
@@ -59,7 +59,8 @@ class Ensemble:
             states = self.backbone.trunk_states(input_ids[i:i + batch_size], mask[i:i + batch_size], blocks)
             for b in blocks:
                 hidden[b].append(states[b])
-        trunk = TrunkCache([str(i) for i in range(len(input_ids))], mask, {b: torch.cat(h) for b, h in hidden.items()})
+        # kept where they were computed (a GPU's memory, on a GPU): the rows are looked up there too (TrunkCache.batch)
+        trunk = TrunkCache([str(i) for i in range(len(input_ids))], mask.to(self.backbone.device), {b: torch.cat(h) for b, h in hidden.items()})
         return self.shard_logits_from_trunk(trunk, batch_size=batch_size)
 
     def logits(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:

@@ -19,6 +19,7 @@ POINTS = {
     "during_ingest": "ledger written in the temporary folder, before it is renamed into place",
     # forget: honour, publish, erase
     "before_deletion_commit": "deletion rows, new slice versions and the plan written, transaction not committed",
+    "before_plan_pointer": "honoured in the ledger, before the plan pointer servers read names the new plan",
     "after_deletion_commit": "honoured in the ledger; registry not told, nothing erased",
     "after_model_logged": "ensemble run and model logged in MLflow, no registry version yet",
     "after_version_registered": "registry version created, before its tags and the champion alias",

@@ -1,5 +1,8 @@
 """DuckDB ledger: examples, slice versions, deletion requests, stage lineage, served and published plans.
 
+It is long because it is the one module that knows the schema: every SQL statement of a state is here, so each
+transaction's guarantee (below) can be read, and tested, in one place.
+
 Why it looks like this:
 - DuckDB allows one read-write process per file. Every process first takes an advisory lock on
   `ledger.duckdb.lock` (waiting up to `wait_s`), then opens a short connection, so processes queue
@@ -31,9 +34,11 @@ import duckdb
 import pandas as pd
 
 from s3t_ops.faults import crash_point
+from s3t_ops.files import write_json
 from s3t_ops.tombstones import Keyring
 
 SCHEMA_VERSION = 3
+POINTER = "served-plan.json"  # beside the ledger: the plan in force, for servers (`_point`)
 MIGRATABLE = (2,)  # older schemas `migrate_v2` brings up to date (schema 2: slice versions were plain hashes)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -86,6 +91,12 @@ class HonourReceipt:
     dirty: tuple[tuple[int, int], ...]  # (shard, slice) whose data version changed
     plan_id: int | None  # the plan that honours them (None: nothing served yet and nothing new)
     record: dict | None
+
+
+def _latest(con: duckdb.DuckDBPyConnection) -> tuple[int, dict] | None:
+    """(plan id, record) of the latest served plan, as `con` sees it."""
+    rows = con.execute("SELECT plan_id, plan FROM plans ORDER BY plan_id DESC LIMIT 1").fetchall()
+    return (int(rows[0][0]), json.loads(rows[0][1])) if rows else None
 
 
 def now() -> datetime:
@@ -150,7 +161,7 @@ class Ledger:
         self.path = Path(path)
         self.wait_s = wait_s
         self._keyring = keyring
-        self._session: duckdb.DuckDBPyConnection | None = None
+        self._local = threading.local()  # a session's connection belongs to the thread that opened it
         self._checked = False
         self.schema_version: int | None = None  # read by `check`
 
@@ -176,23 +187,28 @@ class Ledger:
         with _ProcessLock.for_path(self.lock_path).hold(self.wait_s):
             yield
 
+    @property
+    def _session(self) -> duckdb.DuckDBPyConnection | None:
+        return getattr(self._local, "con", None)
+
     @contextmanager
     def session(self) -> Iterator["Ledger"]:
-        """One connection for a burst of calls (opening one costs ~10 ms); other processes wait meanwhile."""
+        """One connection for a burst of calls in this thread (opening one costs ~10 ms); other processes, and other
+        threads of this one, wait meanwhile (the process lock is held)."""
         if self._session is not None:
             yield self
             return
         with self.connect() as con:
-            self._session = con
+            self._local.con = con
             try:
                 yield self
             finally:
-                self._session = None
+                self._local.con = None
 
     @contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short read-write connection under the process lock. (`read_only` is accepted for callers'
-        clarity; DuckDB refuses a read-only and a read-write connection to one file in one process.)"""
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short connection under the process lock (read-write: DuckDB refuses a read-only and a read-write
+        connection to one file in one process, so readers use the same kind)."""
         if self._session is not None:
             yield self._session
             return
@@ -259,8 +275,9 @@ class Ledger:
                 raise
             con.execute("COMMIT")
 
-    def create(self) -> None:
-        """A new ledger file with the schema (the folder is new: nothing to check)."""
+    def create(self, keyring: Keyring) -> None:
+        """A new ledger file with the schema (the folder is new: nothing to check), keyed with the state's new key."""
+        self._keyring = keyring
         self.schema_version = SCHEMA_VERSION
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.locked():
@@ -281,7 +298,7 @@ class Ledger:
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(value)])
 
     def get_meta(self, key: str, default: object = None) -> object:
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             rows = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchall()
         return json.loads(rows[0][0]) if rows else default
 
@@ -316,20 +333,20 @@ class Ledger:
 
     def examples(self, split: str | None = None) -> pd.DataFrame:
         """Live examples (deleted ones are physically gone)."""
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             if split is None:
                 return con.execute("SELECT * FROM examples ORDER BY id").df()
             return con.execute("SELECT * FROM examples WHERE split = ? ORDER BY id", [split]).df()
 
     def members(self, shard: int, slc: int) -> pd.DataFrame:
         """Live members (id, label) of one training slice, ordered by id."""
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             return con.execute("SELECT id, label FROM examples WHERE split='train' AND shard=? AND slice=? ORDER BY id",
                                [shard, slc]).df()
 
     def find(self, texts: Sequence[str]) -> dict[str, str]:
         """Exact text -> id of the live examples holding it."""
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             con.register("wanted", pd.DataFrame({"text": list(texts)}))
             rows = con.execute("SELECT e.text, e.id FROM examples e JOIN wanted w USING (text)").fetchall()
             con.unregister("wanted")
@@ -344,13 +361,13 @@ class Ledger:
         if con is not None:
             got = read(con)
         else:
-            with self.connect(read_only=True) as c:
+            with self.connect() as c:
                 got = read(c)
         empty = self.keyring.slice_version([])
         return {(s, j): got.get((s, j), empty) for s in range(shards) for j in range(slices)}
 
     def slice_counts(self) -> pd.DataFrame:
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             return con.execute(
                 "SELECT shard, slice, count(*) AS n_live FROM examples WHERE split='train' GROUP BY ALL ORDER BY ALL"
             ).df()
@@ -378,8 +395,7 @@ class Ledger:
                 raise UnknownExampleError(f"{len(unknown)} unknown example id(s): {shown}; nothing was deleted")
             if live.empty:  # every id already forgotten: the latest plan honours them
                 con.unregister("wanted")
-                rows = con.execute("SELECT plan_id, plan FROM plans ORDER BY plan_id DESC LIMIT 1").fetchall()
-                pid, record = (int(rows[0][0]), json.loads(rows[0][1])) if rows else (None, None)
+                pid, record = _latest(con) or (None, None)
                 return HonourReceipt((), tuple(done), (), pid, record)
             t = now()
             con.execute("""INSERT INTO deletions SELECT w.tombstone, e.split, e.shard, e.slice, ?, NULL, NULL, NULL, NULL, ?, NULL
@@ -394,6 +410,8 @@ class Ledger:
             record, n_live = plan_for(con)
             pid = self._insert_plan(con, record, n_live)
             crash_point("before_deletion_commit")
+        crash_point("before_plan_pointer")
+        self._point(pid, record)  # before this returns: whoever reads the pointer next serves the new plan
         crash_point("after_deletion_commit")
         return HonourReceipt(tuple(live["id"]), tuple(done), tuple(dirty), pid, record)
 
@@ -404,33 +422,75 @@ class Ledger:
         con.execute("UPDATE deletions SET honoured_at = ?, honoured_by_plan = ? WHERE honoured_at IS NULL", [now(), pid])
         return pid
 
-    def record_plan(self, record: dict, n_live: int, con: duckdb.DuckDBPyConnection | None = None) -> int:
+    def record_plan(self, record: dict, n_live: int) -> int:
         """A new served plan; it honours every deletion not yet honoured (one transaction)."""
-        if con is not None:
-            return self._insert_plan(con, record, n_live)
-        with self.transaction() as c:
-            return self._insert_plan(c, record, n_live)
+        with self.transaction() as con:
+            pid = self._insert_plan(con, record, n_live)
+        self._point(pid, record)
+        return pid
+
+    def serve_plan(self, plan_for: Callable[[duckdb.DuckDBPyConnection], tuple[dict, int]]) -> tuple[int, dict]:
+        """The plan `plan_for(con)` computes, recorded as the served one unless the latest plan already is it and every
+        deletion is honoured (one transaction). Returns (plan id, record)."""
+        with self.transaction() as con:
+            record, n_live = plan_for(con)
+            latest = _latest(con)
+            unhonoured = con.execute("SELECT count(*) FROM deletions WHERE honoured_at IS NULL").fetchall()[0][0]
+            if latest and latest[1] == json.loads(json.dumps(record)) and not unhonoured:
+                return latest[0], record
+            pid = self._insert_plan(con, record, n_live)
+        self._point(pid, record)
+        return pid, record
+
+    # --- the plan pointer: what a server reads per request instead of the ledger -------------------
+    @property
+    def pointer_path(self) -> Path:
+        return self.path.with_name(POINTER)
+
+    def _point(self, plan_id: int, record: dict) -> None:
+        """Replace the pointer to the served plan (atomically: a reader sees the old or the new one). Written after
+        every transaction that records a plan and before it returns, so a server that checks the pointer's file
+        stamp per request answers every request that starts after a forget returned with a plan that honours it,
+        without taking the ledger's lock. A crash before the write leaves a pointer behind the ledger, which the next
+        opening's repair puts right (`sync_pointer`)."""
+        write_json(self.pointer_path, {"plan_id": int(plan_id), "record": record})
+
+    def read_pointer(self) -> tuple[int, dict] | None:
+        try:
+            data = json.loads(self.pointer_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return int(data["plan_id"]), data["record"]
+
+    def sync_pointer(self) -> bool:
+        """Point at the latest plan if the pointer does not (a crash between a commit and the pointer); True if fixed."""
+        with self.locked():
+            latest = self.latest_plan()
+            if latest is None or self.read_pointer() == latest:
+                return False
+            self._point(*latest)
+            return True
 
     def deletions(self) -> pd.DataFrame:
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             return con.execute("SELECT * FROM deletions ORDER BY requested_at, tombstone").df()
 
     def deleted(self) -> set[str]:
         """Tombstones of every deleted example."""
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             return {r[0] for r in con.execute("SELECT tombstone FROM deletions").fetchall()}
 
     def is_deleted(self, example_id: str) -> bool:
         return self.tombstone(example_id) in self.deleted()
 
     def unhonoured(self) -> int:
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             return int(con.execute("SELECT count(*) FROM deletions WHERE honoured_at IS NULL").fetchall()[0][0])
 
     def pending_erasure(self, where: str = "local") -> set[str]:
         """Tombstones not erased yet from the state's own files (`local`) or from the registry (`registry`)."""
         column = {"local": "erased_at", "registry": "registry_erased_at"}[where]
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             return {r[0] for r in con.execute(f"SELECT tombstone FROM deletions WHERE {column} IS NULL").fetchall()}
 
     def mark_erased(self, tombstones: Iterable[str], where: str = "local") -> None:
@@ -488,7 +548,7 @@ class Ledger:
         sql = f"SELECT * FROM checkpoints {where} ORDER BY shard, prefix"
         if con is not None:
             return con.execute(sql).df()
-        with self.connect(read_only=True) as c:
+        with self.connect() as c:
             return c.execute(sql).df()
 
     def mark_purged(self, keys: Sequence[str], reason: str) -> None:
@@ -502,7 +562,7 @@ class Ledger:
 
     def lineage(self, key: str) -> set[str]:
         """Tombstones of every example a checkpoint was trained on: the members of the slice versions up its parent chain."""
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             rows = con.execute(
                 """
                 WITH RECURSIVE chain(key, parent_key, shard, slice, slice_version) AS (
@@ -519,17 +579,16 @@ class Ledger:
 
     # --- plans ------------------------------------------------------------------------------
     def latest_plan(self) -> tuple[int, dict] | None:
-        with self.connect(read_only=True) as con:
-            rows = con.execute("SELECT plan_id, plan FROM plans ORDER BY plan_id DESC LIMIT 1").fetchall()
-        return (int(rows[0][0]), json.loads(rows[0][1])) if rows else None
+        with self.connect() as con:
+            return _latest(con)
 
     def plan(self, plan_id: int) -> dict | None:
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             rows = con.execute("SELECT plan FROM plans WHERE plan_id = ?", [int(plan_id)]).fetchall()
         return json.loads(rows[0][0]) if rows else None
 
     def publication(self, plan_id: int) -> tuple[datetime | None, int | None]:
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             rows = con.execute("SELECT published_at, model_version FROM plans WHERE plan_id = ?", [int(plan_id)]).fetchall()
         return (rows[0][0], rows[0][1]) if rows else (None, None)
 
@@ -547,7 +606,7 @@ class Ledger:
                 con.execute("INSERT OR REPLACE INTO data_files VALUES (?, ?, ?)", [path, sha256, now()])
 
     def file_sha(self, path: str) -> str | None:
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             rows = con.execute("SELECT sha256 FROM data_files WHERE path = ?", [path]).fetchall()
         return rows[0][0] if rows else None
 

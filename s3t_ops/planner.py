@@ -1,7 +1,8 @@
 """Deletion bookkeeping and model selection for S3T serving.
 
 Pure functions: given which slices are dirty, decide which stored stage of
-which sequence each shard serves and which stages must be retrained.  How
+which sequence each shard serves (which stages must retrain is the engine's
+content addressing: training.missing_stages).  How
 many deletions the system absorbs before every shard is gone is analysed in
 `s3t_ops.deletion_rate`.
 """
@@ -9,18 +10,16 @@ many deletions the system absorbs before every shard is gone is analysed in
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "valid_prefix",
-    "affected_slices",
     "ShardChoice",
     "ServingPlan",
     "serving_plan",
     "plan_for_deletions",
-    "stages_to_retrain",
 ]
 
 def valid_prefix(perm: Sequence[int], dirty: Collection[int]) -> int:
@@ -31,30 +30,6 @@ def valid_prefix(perm: Sequence[int], dirty: Collection[int]) -> int:
             break
         k += 1
     return k
-
-
-def affected_slices(
-    deleted_ids: Iterable[str], assignment: Mapping[str, tuple[int, int]]
-) -> dict[int, frozenset[int]]:
-    """Collapse example-level deletions to the (shard, slice) cells they touch.
-
-    Unknown ids are an error rather than a no-op: silently ignoring them could
-    leave deleted data in served models.
-    """
-    out: dict[int, set[int]] = {}
-    unknown: list[str] = []
-    for ex in deleted_ids:
-        cell = assignment.get(ex)
-        if cell is None:
-            unknown.append(ex)
-            continue
-        shard, slice_ = cell
-        out.setdefault(int(shard), set()).add(int(slice_))
-    if unknown:
-        names = sorted(set(unknown))
-        shown = ", ".join(map(str, names[:10])) + (", ..." if len(names) > 10 else "")
-        raise KeyError(f"{len(names)} unknown example id(s): {shown}")
-    return {s: frozenset(v) for s, v in sorted(out.items())}
 
 
 class NoLiveShardError(RuntimeError):
@@ -175,22 +150,3 @@ def plan_for_deletions(
         for q, perm in enumerate(perms):
             depths[(s, q)] = min(trained.get((s, q), len(perm)), valid_prefix(perm, d))
     return serving_plan(m, depths, scores)
-
-
-def stages_to_retrain(
-    perms: Sequence[Sequence[int]], m: int, dirty: Mapping[int, Collection[int]]
-) -> list[tuple[int, int, int]]:
-    """(shard, seq, stage) triples invalidated by the deletions.
-
-    Stage k is trained on slices pi(1..k), so it is stale exactly when k is at
-    or past the first dirty position.
-    """
-    out: list[tuple[int, int, int]] = []
-    for s in range(m):
-        d = dirty.get(s, ())
-        if not d:
-            continue
-        for q, perm in enumerate(perms):
-            k = valid_prefix(perm, d) + 1
-            out.extend((s, q, stage) for stage in range(k, len(perm) + 1))
-    return sorted(out)

@@ -1,27 +1,24 @@
-"""Where the engine reports what happened: a trained stage, a served plan, invalidated stages, erasure.
+"""Where the rooms report what happened: a trained stage, a served plan, erasure; which registry that is.
 
-The engine calls its publisher from the lifecycle (`fit`, `forget`, `retrain`, `repair`), so the CLI,
-the Dagster assets and the demo leave the same registry behind. `MlflowPublisher` is the default:
-one MLflow run per trained stage, a registered model version per served plan with alias `champion`,
-and erasure of versions and runs that hold a deleted example. `Publisher` itself does nothing (for
-tests and benchmarks that do not need a registry).
+Training, serving, forgetting and repair call the state's publisher, so the CLI, the Dagster assets and the demo
+leave the same registry behind. This module is the interface: `Publisher` itself does nothing (for tests and
+benchmarks that do not need a registry); registry.py's `MlflowPublisher` is the default (one MLflow run per trained
+stage, a registered model version per served plan with alias `champion`, erasure of versions and runs that hold a
+deleted example), and registry.py picks the one a state records (`default_publisher`).
 
-Which registry a state publishes to is fixed when the state is created and recorded in its ledger
-(`registry` in the meta table): every later door publishes there too.
+A publisher receives data, never the engine: what registering a plan needs (`PlanBundle`) and what finding the
+registry's copies of deleted examples needs (`RegistryErasure`) are built by the rooms that call it.
+
+Which registry a state publishes to is fixed when the state is created and recorded in its ledger (`registry` in the
+meta table): every later door publishes there too.
 """
 from __future__ import annotations
 
 import os
-import threading
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-if TYPE_CHECKING:
-    from s3t_ops.engine import S3T
-    from s3t_ops.registry import Tracker
-
-# read at import, before mlflow is imported: mlflow.set_tracking_uri() writes this variable in-process
-_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 DEFAULT_MODEL_NAME = "s3t-ensemble"
 DEFAULT_EXPERIMENT = "s3t"
 KINDS = ("mlflow", "none")
@@ -36,6 +33,34 @@ class PublishError(RuntimeError):
         self.report = report
 
 
+class ForeignModel(RuntimeError):
+    """The registered model name belongs to another S3T state on the same MLflow store."""
+
+
+@dataclass
+class PlanBundle:
+    """What registering a plan needs of the state, and nothing else of it (serving.bundle builds it)."""
+
+    config: dict
+    label_names: list[str]
+    deleted: list[str]  # keyed tombstones of every deletion the plan honours, sorted
+    read_checkpoint: Callable[[str], bytes]  # key -> the file's bytes, checked against the ledger's sha256
+    backbone_fingerprint: str
+    tags: dict[str, str]
+    shards: int
+
+
+@dataclass
+class RegistryErasure:
+    """What finding the registry's copies of deleted examples needs of the state (erasure.registry_erasure builds it)."""
+
+    plan_of: Callable[[int], dict | None]  # plan id -> its record in the ledger
+    tainted: Callable[[dict], bool]  # a plan whose checkpoints' lineage holds a deleted example
+    stale_keys: set[str]  # checkpoints purged because they trained on a deleted example
+    artifact_alive: Callable[[str], bool]  # a named artifact (e.g. a memorization report) is still whole
+    artifact_tags: tuple[str, ...] = ()  # run tags that name such an artifact: runs naming a removed one are erased
+
+
 class Publisher:
     """Does nothing: the ledger alone is the record."""
 
@@ -44,13 +69,16 @@ class Publisher:
     def describe(self) -> dict[str, Any]:
         return {"kind": "none"}
 
-    def stage_trained(self, engine: "S3T", row: dict) -> None:
+    def bind(self, state_id: str) -> None:
+        """The id of the state it publishes for (a new state learns its id after its publisher was made)."""
+
+    def stage_trained(self, row: dict, config: dict, tags: dict[str, str]) -> None:
         pass
 
-    def plan_served(self, engine: "S3T", plan_id: int, record: dict) -> int | None:
+    def plan_served(self, plan_id: int, record: dict, bundle: PlanBundle) -> int | None:
         return None
 
-    def erase(self, engine: "S3T") -> list[str]:
+    def erase(self, view: RegistryErasure) -> list[str]:
         """Remove what the registry holds of deleted examples; returns what was removed."""
         return []
 
@@ -61,127 +89,32 @@ class Publisher:
         """Checkpoints whose copy in the registry's champion is damaged ([]: none, or no registry)."""
         return []
 
-    def republish(self, engine: "S3T", plan_id: int, record: dict) -> int | None:
+    def republish(self, plan_id: int, record: dict, bundle: PlanBundle) -> int | None:
         """Register the plan again as a new version (the champion's copy was damaged) and drop the damaged one."""
         return None
 
-    def rekey(self, engine: "S3T", kmap: dict[str, str]) -> None:
+    def rekey(self, kmap: dict[str, str], rows: list[dict]) -> None:
         """Bring the registry in line with re-derived checkpoint keys (a ledger migration)."""
 
 
-class MlflowPublisher(Publisher):
-    """MLflow tracking + model registry (a SQLite store in the state folder unless a URI is given)."""
+def user_tracking_uri(env: dict[str, str] | None = None) -> str | None:
+    """MLFLOW_TRACKING_URI as the user's environment sets it. `mlflow.set_tracking_uri` writes the variable too, in
+    this process (a user loading the champion of some store, a test): a value MLflow holds as the URI it was told
+    in-process is that call's, not the user's choice of registry for a state."""
+    import sys
 
-    registers = True
-
-    def __init__(self, state_dir, tracking_uri: str | None = None, model_name: str = DEFAULT_MODEL_NAME,
-                 experiment: str = DEFAULT_EXPERIMENT, state_id: str | None = None):
-        self.state_dir = state_dir
-        self.tracking_uri = tracking_uri or None
-        self.model_name = model_name
-        self.experiment = experiment
-        self.state_id = state_id  # set by the engine: which state's runs and versions these are
-        self._tracker: "Tracker | None" = None
-        self._lock = threading.Lock()
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "mlflow", "tracking_uri": self.tracking_uri, "model_name": self.model_name, "experiment": self.experiment}
-
-    @property
-    def tracker(self) -> "Tracker":
-        with self._lock:
-            if self._tracker is None:
-                from s3t_ops.ledger import Ledger
-                from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
-
-                # under the ledger's lock: processes that open a state's store for the first time at once (parallel
-                # Dagster steps) never race on creating its schema or experiment
-                with Ledger(Path(self.state_dir) / "ledger.duckdb").locked():
-                    self._tracker = self._call("opening the store", Tracker, self.tracking_uri or default_tracking_uri(self.state_dir),
-                                               self.experiment, self.model_name, default_artifact_root(self.state_dir), self.state_id)
-            return self._tracker
-
-
-    def _call(self, what: str, fn, *args):
-        from s3t_ops.registry import ForeignModelError
-
-        try:
-            return fn(*args)
-        except PublishError:
-            raise
-        except ForeignModelError as exc:
-            raise PublishError(str(exc)) from None
-        except Exception as exc:  # MLflow raises many types (HTTP, SQL, IO)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PublishError(f"MLflow registry at {self.tracking_uri or 'the state folder'}: {what} failed ({first}); "
-                               "the ledger is consistent and the next s3t command retries") from exc
-
-    def stage_trained(self, engine: "S3T", row: dict) -> None:
-        self._call("logging a stage run", self.tracker.log_stage, row, engine.cfg.to_dict(), engine.tags)
-
-    def plan_served(self, engine: "S3T", plan_id: int, record: dict) -> int | None:
-        return self._call("registering the served plan", self.tracker.publish_plan, engine, plan_id, record)
-
-    def erase(self, engine: "S3T") -> list[str]:
-        return self._call("erasing versions and runs", self.tracker.erase, engine)
-
-    def champion(self) -> dict | None:
-        return self.tracker.champion()
-
-    def damaged_copy(self) -> list[str]:
-        return self._call("checking the champion's files", self.tracker.champion_copy_damaged)
-
-    def republish(self, engine: "S3T", plan_id: int, record: dict) -> int | None:
-        def run() -> int:
-            old = self.tracker.champion()
-            version = self.tracker.publish_plan(engine, plan_id, record, new_version=True)
-            if old is not None and old["version"] != version:
-                self.tracker.delete_version(old["version"], old["run_id"])
-            return version
-
-        return self._call("re-publishing the plan", run)
-
-    def rekey(self, engine: "S3T", kmap: dict[str, str]) -> None:
-        if engine.served() is not None:
-            engine.serve(publish=False)  # the plan as recorded today (with its files' sha256)
-        latest = engine.served()
-        if latest is not None:
-            engine.ledger.mark_published(latest[0], self.republish(engine, *latest))
-        self._call("re-keying stage runs", self.tracker.rekey, engine, kmap)
-
-
-def publisher_from(settings: dict[str, Any], state_dir, state_id: str | None = None) -> Publisher:
-    kind = settings.get("kind", "mlflow")
-    if kind == "none":
-        return Publisher()
-    if kind != "mlflow":
-        raise ValueError(f"registry kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    return MlflowPublisher(state_dir, settings.get("tracking_uri"), settings.get("model_name") or DEFAULT_MODEL_NAME,
-                           settings.get("experiment") or DEFAULT_EXPERIMENT, state_id)
+    value = ((os.environ if env is None else env).get("MLFLOW_TRACKING_URI")) or None
+    told = getattr(sys.modules.get("mlflow.tracking._tracking_service.utils"), "_tracking_uri", None)
+    return None if env is None and value is not None and told == value else value
 
 
 def settings_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """S3T_REGISTRY (mlflow | none), MLFLOW_TRACKING_URI, S3T_MODEL_NAME: used when a state is created."""
-    kind = (os.environ if env is None else env).get("S3T_REGISTRY", "mlflow")
+    """S3T_REGISTRY (mlflow | none), MLFLOW_TRACKING_URI, S3T_MODEL_NAME: read when a state is created."""
+    values = os.environ if env is None else env
+    kind = values.get("S3T_REGISTRY", "mlflow")
     if kind not in KINDS:
         raise ValueError(f"S3T_REGISTRY must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "none":
         return {"kind": "none"}
-    uri = (env.get("MLFLOW_TRACKING_URI") or None) if env is not None else _ENV_TRACKING_URI
-    return {"kind": "mlflow", "tracking_uri": uri,
-            "model_name": (os.environ if env is None else env).get("S3T_MODEL_NAME") or DEFAULT_MODEL_NAME,
-            "experiment": DEFAULT_EXPERIMENT}
-
-
-def default_publisher(engine: "S3T") -> Publisher:
-    """The registry recorded in the state's ledger (fixed at creation). An MLFLOW_TRACKING_URI that
-    names another store is an error: two doors must not publish to two registries."""
-    recorded = engine.ledger.get_meta("registry")
-    if recorded is None:
-        recorded = settings_from_env()
-        engine.ledger.set_meta("registry", recorded)
-    env_uri = _ENV_TRACKING_URI
-    if recorded.get("kind") == "mlflow" and env_uri and env_uri != recorded.get("tracking_uri"):
-        raise ValueError(f"state {engine.root} publishes to {recorded.get('tracking_uri') or 'its own MLflow store'} "
-                         f"(fixed when it was created), but MLFLOW_TRACKING_URI is {env_uri}; unset it")
-    return publisher_from(recorded, engine.root, engine.ledger.get_meta("state_id"))
+    return {"kind": "mlflow", "tracking_uri": user_tracking_uri(env),
+            "model_name": values.get("S3T_MODEL_NAME") or DEFAULT_MODEL_NAME, "experiment": DEFAULT_EXPERIMENT}

@@ -1,587 +1,135 @@
-"""MLflow: one run per trained stage, the served ensemble as a registered pyfunc model with alias `champion`.
+"""The state's registry: which one it publishes to (recorded at creation), and the MLflow publisher, the default.
 
-The registry is the serving interface: `mlflow.pyfunc.load_model("models:/<name>@champion")` gives a
-model whose `predict(pd.DataFrame({"text": [...]}))` returns labels and probabilities. A version is
-registered on every plan change; its tags name the deletion requests it honours, and once a newer
-version is champion, versions whose checkpoints saw a deleted example are deleted with their runs'
-artifacts (erasure reaches the registry too).
+The registry is a serving interface: `mlflow.pyfunc.load_model("models:/<name>@champion")` gives a model whose
+`predict(pd.DataFrame({"text": [...]}))` returns labels and probabilities (pyfunc_model.py; champion.py loads it). A
+version is registered on every plan change; its tags name the deletion requests it honours (keyed tombstones), and
+once a newer version is champion, versions whose checkpoints saw a deleted example are deleted with their runs'
+artifacts (erasure reaches the registry too). The MLflow client work is tracker.py's.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-import tempfile
-import warnings
+import threading
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from s3t_ops.faults import crash_point
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines: no usage pings on the honour path
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-file bars drown the pipeline's logs
-# the ensemble's predict takes a DataFrame checked against the logged signature; MLflow's nag for type hints is noise
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*", category=UserWarning)
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
-logging.getLogger("alembic").setLevel(logging.WARNING)
-
-with warnings.catch_warnings():  # mlflow's own pyfunc classes nag about type hints on import
-    warnings.simplefilter("ignore", UserWarning)
-    import mlflow
-    import mlflow.pyfunc
-
-CHAMPION = "champion"
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}  # the UI opens runs and models, not GenAI traces
-STATE_TAG = "s3t.state_id"  # on every run, version and the registered model: which state they belong to
-MODEL_DESCRIPTION = ("S3T ensemble (exact unlearning): each version serves, per shard, the longest stage prefix whose "
-                     "checkpoints never saw a deleted example. Alias `champion` = the version to serve. Load it with "
-                     "`mlflow.pyfunc.load_model(\"models:/{name}@champion\")` and call "
-                     "`predict(pandas.DataFrame({{\"text\": [...]}}))`.")
-MAX_TAG_CHARS = 4000  # well under MLflow's tag value limit; longer id lists go to an artifact only
-
-
-def use_tracking_uri(uri: str) -> None:
-    """Point mlflow's fluent API at `uri` without exporting it. mlflow.set_tracking_uri also writes
-    MLFLOW_TRACKING_URI into os.environ, which every later child process (a Dagster step, an `s3t`
-    subprocess) would read as the user's choice of registry, and refuse a state recorded with another."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
-
-
-def default_tracking_uri(state_dir: str | Path) -> str:
-    return f"sqlite:///{(Path(state_dir) / 'mlflow.db').resolve()}"
-
-
-def default_artifact_root(state_dir: str | Path) -> str:
-    return str((Path(state_dir) / "mlartifacts").resolve())
-
-
-def verify_copy(ckpt_dir: Path, record: dict) -> list[str]:
-    """Keys of the plan's checkpoint files in `ckpt_dir` that are missing or differ from the sha256 the plan recorded
-    ([]: the copy is whole). Plans recorded before hashes were kept (no `sha256`) are not checked."""
-    expected = record.get("sha256") or {}
-    bad = []
-    for keys in record["checkpoints"].values():
-        for k in keys:
-            if k not in expected:
-                continue
-            path = Path(ckpt_dir) / f"{k}.safetensors"
-            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != expected[k]:
-                bad.append(k)
-    return bad
-
-
-def plan_digest(record: dict) -> str:
-    """Identity of a plan for the registry: which checkpoints serve which shard."""
-    return hashlib.sha256(json.dumps(record["checkpoints"], sort_keys=True).encode()).hexdigest()[:24]
-
-
-_show = warnings.showwarning
-# mlflow nags about type hints when the class is created, under its own "once" filter (so no filter of ours reaches
-# it): the warning is dropped by its display hook for this one statement; inputs are checked in `predict`
-warnings.showwarning = lambda *args, **kwargs: None
-try:
-    class S3TEnsembleModel(mlflow.pyfunc.PythonModel):
-        """Pyfunc body: the plan's checkpoints on the configured backbone, shared-trunk inference."""
-
-        def load_context(self, context) -> None:
-            from safetensors.torch import load_file
-
-            from s3t_ops.backbone import Backbone
-            from s3t_ops.config import S3TConfig
-            from s3t_ops.ensemble import Ensemble, ShardModel
-
-            meta = json.loads(Path(context.artifacts["meta"]).read_text())
-            record = json.loads(Path(context.artifacts["plan"]).read_text())
-            ckpt_dir = Path(context.artifacts["checkpoints"])
-            damaged = verify_copy(ckpt_dir, record)
-            if damaged:  # never predict from a file that is not the one the plan names
-                raise ValueError(f"registered S3T model, plan {record.get('plan_id')}: checkpoint file(s) {', '.join(damaged)} "
-                                 "do not hold the bytes the plan recorded (damaged copy); refusing to serve it — "
-                                 "`s3t repair` re-publishes the plan")
-            cfg = S3TConfig.from_dict({**meta["config"], "state_dir": tempfile.gettempdir()})
-            self.label_names = list(meta["label_names"])
-            backbone = Backbone(cfg)
-            models = [ShardModel(int(s), len(keys), [load_file(str(ckpt_dir / f"{k}.safetensors")) for k in keys])
-                      for s, keys in sorted(record["checkpoints"].items(), key=lambda x: int(x[0]))]
-            self.ensemble = Ensemble(backbone, models, len(self.label_names))
-
-        def predict(self, context, model_input, params=None):
-            if isinstance(model_input, pd.DataFrame):
-                if "text" not in model_input.columns:
-                    raise ValueError("input needs a `text` column")
-                texts = model_input["text"].astype(str).tolist()
-            else:
-                texts = [str(t) for t in model_input]
-            labels, probs = self.ensemble.predict(texts)
-            out = pd.DataFrame({"label": [self.label_names[i] for i in labels.tolist()]})
-            for j, name in enumerate(self.label_names):
-                out[f"prob_{name}"] = probs[:, j].double().numpy()
-            return out
-finally:
-    warnings.showwarning = _show
-
-
-class ForeignModelError(RuntimeError):
-    """The registered model name belongs to another S3T state on the same MLflow store."""
-
-
-class Tracker:
-    """Tracking + registry over one MLflow store (a SQLite file by default, or an `mlflow server`).
-
-    One store may serve many states (a shared `mlflow server`): every run and version carries the state's id
-    (tag `s3t.state_id`), every search is restricted to it, and the registered model is owned by one state
-    (its tag `s3t.state_id`): another state publishing under the same name is refused (ForeignModelError)."""
-
-    def __init__(self, tracking_uri: str, experiment: str = "s3t", model_name: str = "s3t-ensemble",
-                 artifact_root: str | None = None, state_id: str | None = None):
-        from mlflow import MlflowClient
-
-        self.uri = tracking_uri
-        self.model_name = model_name
-        self.state_id = state_id
-        use_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            # a local store keeps artifacts next to it; a server decides (--artifacts-destination)
-            location = None if tracking_uri.startswith("http") or artifact_root is None else Path(artifact_root).as_uri()
-            try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
-            except Exception:  # created concurrently by another process
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
-            for key, value in EXPERIMENT_TAGS.items():
-                if exp.tags.get(key) != value:
-                    self.client.set_experiment_tag(self.experiment_id, key, value)
-
-    # --- this state's runs ----------------------------------------------------------------------
-    def _mine(self, filter_string: str = "") -> str:
-        """A run filter restricted to this state's runs (runs of older states, without the tag, when it has no id)."""
-        own = f"tags.`{STATE_TAG}` = '{self.state_id}'" if self.state_id else ""
-        return " AND ".join(f for f in (own, filter_string) if f)
-
-    def search(self, filter_string: str = "", experiment_ids: list[str] | None = None, deleted: bool = False) -> list:
-        from mlflow.entities import ViewType
-
-        return list(self.client.search_runs(experiment_ids or [self.experiment_id], self._mine(filter_string),
-                                            run_view_type=ViewType.ALL if deleted else ViewType.ACTIVE_ONLY, max_results=50000))
-
-    def _tags(self, tags: dict) -> dict[str, str]:
-        out = {k: str(v) for k, v in tags.items()}
-        if self.state_id:
-            out[STATE_TAG] = self.state_id
-        return out
-
-    # --- stage runs -------------------------------------------------------------------------
-    def log_stage(self, row: dict, config: dict, tags: dict[str, str] | None = None) -> str:
-        """One run per trained stage spanning the training itself: config params, per-stage counts apart
-        (`stage.*`), per-epoch metrics, lineage tags (keyed slice versions and checkpoint keys: nothing a text
-        could be matched against)."""
-        from mlflow.entities import Metric, Param
-
-        run_tags = {"s3t.kind": "stage", "s3t.shard": row["shard"], "s3t.stage": row["stage"],
-                    "s3t.prefix": row["prefix"], "s3t.slice": row["slice"], "s3t.slice_version": row["slice_version"],
-                    "s3t.checkpoint_key": row["key"], "s3t.parent_key": row.get("parent_key") or "",
-                    **(row.get("lineage_tags") or {}), **(tags or {})}
-        run = self.client.create_run(self.experiment_id, run_name=f"stage{row['stage']}-s{row['shard']}-p{row['prefix']}",
-                                     start_time=_millis(row.get("started_at")), tags=self._tags(run_tags))
-        params = {f"config.{k}": v for k, v in config.items() if k != "state_dir"}
-        params.update({"stage.shard": row["shard"], "stage.stage": row["stage"], "stage.prefix": row["prefix"],
-                       "stage.n_examples": row["n_train"]})
-        metrics = [Metric("train_loss", float(v), 0, e) for e, v in enumerate(row.get("epoch_losses") or [], start=1)]
-        metrics += [Metric("train_accuracy", float(v), 0, e) for e, v in enumerate(row.get("epoch_accuracies") or [], start=1)]
-        for name in ("val_acc", "seconds", "grad_example_steps"):
-            if row.get(name) is not None:
-                metrics.append(Metric(name, float(row[name]), 0, 0))
-        self.client.log_batch(run.info.run_id, metrics=metrics,
-                              params=[Param(k, str(v)[:500]) for k, v in params.items()])
-        self.client.set_terminated(run.info.run_id, end_time=_millis(row.get("ended_at")))
-        return run.info.run_id
-
-    # --- approximate unlearning (s3t_ops.memorization) ----------------------------------------
-    def log_unlearning(self, run_name: str, params: dict, metrics: dict, tags: dict | None = None) -> str:
-        """One run per approximate-unlearning model; always tagged s3t.kind=approximate_unlearning, approximate=true."""
-        import math
-
-        from mlflow.entities import Metric, Param
-
-        run_tags = self._tags({**(tags or {}), "s3t.kind": "approximate_unlearning", "approximate": "true"})
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
-        values = [Metric(k, float(v), 0, 0) for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-        self.client.log_batch(run.info.run_id, metrics=values, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        self.client.set_terminated(run.info.run_id)
-        return run.info.run_id
-
-    # --- registry ---------------------------------------------------------------------------
-    def owner(self) -> str | None:
-        """The state id the registered model belongs to (None: no such model yet, or one from before owners)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_registered_model(self.model_name).tags.get(STATE_TAG)
-        except MlflowException:
-            return None
-
-    def check_owner(self) -> None:
-        """ForeignModelError when another state owns the registered model name on this store."""
-        owner = self.owner()
-        if self.state_id and owner and owner != self.state_id:
-            raise ForeignModelError(f"the registered model {self.model_name!r} on {self.uri} belongs to another S3T state "
-                                    f"(id {owner}); give this state its own name (S3T_MODEL_NAME when it is created)")
-
-    def champion(self) -> dict[str, Any] | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            v = self.client.get_model_version_by_alias(self.model_name, CHAMPION)
-        except MlflowException:
-            return None
-        if self.state_id and v.tags.get(STATE_TAG) not in (None, self.state_id):
-            return None  # another state's version: not this state's champion
-        return {"version": int(v.version), "tags": dict(v.tags), "plan_digest": v.tags.get("plan_digest"),
-                "plan_id": v.tags.get("plan_id"), "run_id": v.run_id, "description": v.description, "model_id": _model_id(v)}
-
-    def publish_plan(self, engine, plan_id: int, record: dict, new_version: bool = False) -> int:
-        """Make `champion` serve this plan; idempotent, so a crash anywhere in it is finished by a retry.
-
-        The same checkpoints as the champion's: its tags are brought up to date (the plan may honour a
-        deletion that no served checkpoint saw). A version already registered for this plan (an earlier
-        attempt died before moving the alias) is reused. Otherwise (or with `new_version`: the champion's copy is
-        damaged) a new version is logged and registered.
-        """
-        self.check_owner()
-        tags = {**self._version_tags(engine, plan_id, record), **{k: str(v) for k, v in engine.tags.items()}}
-        champ = self.champion()
-        if not new_version and champ is not None and champ["plan_digest"] == tags["plan_digest"]:
-            version = champ["version"]
-        else:
-            version = None if new_version else self._version_for_plan(plan_id)
-            if version is None:
-                version = self._register(engine, plan_id, record, tags)
-        for k, v in tags.items():
-            self.client.set_model_version_tag(self.model_name, str(version), k, v)
-        self.client.update_model_version(self.model_name, str(version), description=_version_description(plan_id, record, tags))
-        self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
-        crash_point("after_alias_moved")
-        return version
-
-    def _version_tags(self, engine, plan_id: int, record: dict) -> dict[str, str]:
-        deleted = sorted(engine.ledger.deleted())
-        depths = {str(c["shard"]): c["depth"] for c in record["plan"]["choices"]}
-        joined = ",".join(deleted)
-        return self._tags({
-            "plan_id": str(plan_id), "plan_digest": plan_digest(record), "depths": json.dumps(depths),
-            "live_shards": str(len(depths)), "honoured_deletions_count": str(len(deleted)),
-            "honoured_deletions": joined if len(joined) <= MAX_TAG_CHARS else "see the model artifact honoured_deletions.json",
-            "honoured_deletions_sha256": hashlib.sha256(joined.encode()).hexdigest(),
-            "tombstones": "keyed (HMAC-SHA256 with the state's secret.key), not example ids",
-        })
-
-    def _version_for_plan(self, plan_id: int) -> int | None:
-        for v in self.versions():
-            if v["tags"].get("plan_id") == str(plan_id):
-                return v["version"]
-        return None
-
-    def _register(self, engine, plan_id: int, record: dict, tags: dict[str, str]) -> int:
-        """Log the plan as a pyfunc model (its checkpoints as artifacts) and register a new version."""
-        import mlflow
-        import mlflow.pyfunc
-        from mlflow.models.signature import ModelSignature
-        from mlflow.types.schema import ColSpec, Schema
-
-        labels = list(engine.label_names)
-        deleted = sorted(engine.ledger.deleted())
-        depths = json.loads(tags["depths"])
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            ckpts = tmp / "checkpoints"
-            ckpts.mkdir()
-            for keys in record["checkpoints"].values():
-                for k in keys:
-                    (ckpts / f"{k}.safetensors").write_bytes(engine.store.read(k, engine.checkpoint_rows()[k]["sha256"]))
-            (tmp / "plan.json").write_text(json.dumps({**record, "plan_id": plan_id}, indent=2))
-            (tmp / "meta.json").write_text(json.dumps({
-                "config": {k: v for k, v in engine.cfg.to_dict().items() if k != "state_dir"},
-                "label_names": labels, "backbone_fingerprint": engine.backbone_fingerprint()}, indent=2))
-            (tmp / "honoured_deletions.json").write_text(json.dumps(deleted))
-            signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
-                                       outputs=Schema([ColSpec("string", "label"), *(ColSpec("double", f"prob_{n}") for n in labels)]))
-            with mlflow.start_run(experiment_id=self.experiment_id, run_name=f"ensemble-plan{plan_id}",
-                                  tags={"s3t.kind": "ensemble", **tags}) as run:
-                mlflow.log_metrics({"live_shards": len(depths), "mean_depth": sum(depths.values()) / max(1, engine.cfg.shards),
-                                    "deletions": len(deleted)})
-                with warnings.catch_warnings():  # no input example: logging one would load the backbone
-                    warnings.simplefilter("ignore", UserWarning)
-                    info = mlflow.pyfunc.log_model(
-                        name="ensemble", python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-                        artifacts={"checkpoints": str(ckpts), "plan": str(tmp / "plan.json"), "meta": str(tmp / "meta.json"),
-                                   "honoured_deletions": str(tmp / "honoured_deletions.json")},
-                        pip_requirements=["s3t-ops", "torch", "transformers", "peft", "safetensors", "pandas"],
-                        signature=signature,
-                    )
-        crash_point("after_model_logged")
-        self._ensure_model()
-        mv = self.client.create_model_version(self.model_name, info.model_uri, run_id=run.info.run_id,
-                                              tags={"plan_id": str(plan_id), **({STATE_TAG: self.state_id} if self.state_id else {})},
-                                              model_id=info.model_id, await_creation_for=0)
-        crash_point("after_version_registered")
-        return int(mv.version)
-
-    def _ensure_model(self) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            model = self.client.get_registered_model(self.model_name)
-        except MlflowException:
-            try:
-                self.client.create_registered_model(self.model_name, description=MODEL_DESCRIPTION.format(name=self.model_name),
-                                                    tags={STATE_TAG: self.state_id} if self.state_id else None)
-            except MlflowException:  # created concurrently
-                pass
-            self.check_owner()
-            return
-        if self.state_id and STATE_TAG not in model.tags:  # a model from before owners were recorded: this state adopts it
-            self.client.set_registered_model_tag(self.model_name, STATE_TAG, self.state_id)
-
-    def versions(self) -> list[dict[str, Any]]:
-        vs = self.client.search_model_versions(f"name='{self.model_name}'")
-        out = [{"version": int(v.version), "tags": dict(v.tags), "run_id": v.run_id, "model_id": _model_id(v)}
-               for v in vs if not self.state_id or v.tags.get(STATE_TAG) in (None, self.state_id)]
-        return sorted(out, key=lambda v: v["version"])
-
-    def rekey(self, engine, kmap: dict[str, str]) -> int:
-        """After the ledger migration to keyed slice versions (ledger.py `migrate_v2`): stage runs get the new keys and
-        keyed versions in their tags, and every version registered before (its files are named by plain-derived keys)
-        is deleted; the caller has registered the plan anew. Returns the runs re-tagged."""
-        rows = {r["key"]: r for r in engine.ledger.checkpoints(live_only=False).to_dict("records")}
-        n = 0
-        for run in self.search("tags.`s3t.kind` = 'stage'"):
-            old = run.data.tags.get("s3t.checkpoint_key")
-            new = kmap.get(old)
-            if new is None:
-                continue
-            row = rows.get(new, {})
-            self.client.set_tag(run.info.run_id, "s3t.checkpoint_key", new)
-            self.client.set_tag(run.info.run_id, "s3t.parent_key", row.get("parent_key") or "")
-            self.client.set_tag(run.info.run_id, "s3t.slice_version", row.get("slice_version") or "")
-            n += 1
-        champ = self.champion()
-        for v in self.versions():
-            if champ is None or v["version"] != champ["version"]:
-                self.delete_version(v["version"], v["run_id"])
-        for run in self.search("tags.`s3t.kind` = 'ensemble'"):
-            if champ is None or run.info.run_id != champ["run_id"]:
-                self.hard_delete_run(run.info.run_id)
-        return n
-
-    # --- the registry's copy of the champion ---------------------------------------------------
-    def champion_copy_damaged(self) -> list[str]:
-        """Checkpoint keys whose copy in the champion version's artifacts is missing or differs from the sha256 its
-        plan recorded ([]: whole, or no champion). The files are read through MLflow's artifact repository."""
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        champ = self.champion()
-        if champ is None or not champ.get("model_id"):
-            return []
-        location = self.client.get_logged_model(champ["model_id"]).artifact_location
-        with tempfile.TemporaryDirectory() as tmp:
-            repo = get_artifact_repository(location)
-            try:
-                plan = json.loads(Path(repo.download_artifacts("artifacts/plan.json", tmp)).read_text())
-            except Exception:
-                return ["plan.json"]
-            try:
-                ckpts = repo.download_artifacts("artifacts/checkpoints", tmp)
-            except Exception:
-                ckpts = str(Path(tmp) / "missing")
-            return verify_copy(Path(ckpts), plan)
-
-    # --- erasure ----------------------------------------------------------------------------
-    def erase(self, engine) -> list[str]:
-        """Hard-delete what holds a deleted example: non-champion versions (and ensemble runs) whose plan's
-        lineage holds one, stage runs of checkpoints that trained on one, and approximate-unlearning runs whose
-        memorization artifact was erased (all of this state's)."""
-        removed = [f"model version {v}" for v in self.purge_superseded(engine)]
-        removed += [f"ensemble run {r}" for r in self._purge_orphan_ensemble_runs(engine)]
-        removed += [f"stage run {r}" for r in self._purge_stale_stage_runs(engine)]
-        removed += [f"memorization run {r}" for r in self._purge_memorization_runs(engine)]
-        return removed
-
-    def delete_version(self, version: int, run_id: str | None) -> None:
-        """A version's tags first (MLflow keeps a deleted version's row and tags otherwise), the version, its run."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            tags = self.client.get_model_version(self.model_name, str(version)).tags
-        except MlflowException:
-            tags = {}
-        for key in tags:
-            self.client.delete_model_version_tag(self.model_name, str(version), key)
-        self.client.delete_model_version(self.model_name, str(version))
-        crash_point("during_registry_erase")
-        if run_id:
-            self.hard_delete_run(run_id)
-
-    def purge_superseded(self, engine) -> list[int]:
-        """Delete non-champion versions (with their runs and artifacts) whose checkpoints saw a deleted example."""
-        champ = self.champion()
-        purged = []
-        for v in self.versions():
-            if champ is not None and v["version"] == champ["version"]:
-                continue
-            record = engine.ledger.plan(int(v["tags"].get("plan_id", -1)))
-            if record is not None and not engine.audit(record):
-                continue  # exact: kept (a rollback target)
-            self.delete_version(v["version"], v["run_id"])
-            purged.append(v["version"])
-        return purged
-
-    def _purge_orphan_ensemble_runs(self, engine) -> list[str]:
-        """Ensemble runs no version points to (a crash between logging and registering) whose plan is tainted."""
-        live = {v["run_id"] for v in self.versions()}
-        out = []
-        for run in self.search("tags.`s3t.kind` = 'ensemble'"):
-            if run.info.run_id in live:
-                continue
-            record = engine.ledger.plan(int(run.data.tags.get("plan_id", -1)))
-            if record is None or engine.audit(record):
-                self.hard_delete_run(run.info.run_id)
-                out.append(run.info.run_id)
-        return out
-
-    def _purge_stale_stage_runs(self, engine) -> list[str]:
-        """Stage runs of checkpoints purged because they trained on a deleted example: their per-epoch metrics were
-        computed on it."""
-        every = engine.ledger.checkpoints(live_only=False)
-        stale = set(every[every["purge_reason"].fillna("").str.startswith("stale")]["key"])
-        out = []
-        if not stale:
-            return out
-        for run in self.search("tags.`s3t.kind` = 'stage'"):
-            if run.data.tags.get("s3t.checkpoint_key") in stale:
-                self.hard_delete_run(run.info.run_id)
-                out.append(run.info.run_id)
-        return out
-
-    def _purge_memorization_runs(self, engine) -> list[str]:
-        """Runs tagged with a memorization artifact that erasure removed (or that was never completed)."""
-        from mlflow.entities import ViewType
-
-        from s3t_ops.memorization import store
-
-        out = []
-        exps = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ALL)]
-        for run in self.search(f"tags.`{store.ARTIFACT_TAG}` != ''", experiment_ids=exps, deleted=True):
-            artifact = run.data.tags.get(store.ARTIFACT_TAG)
-            if artifact and not store.complete(engine.storage, artifact):
-                self.hard_delete_run(run.info.run_id)
-                out.append(run.info.run_id)
-        return out
-
-    def hard_delete_run(self, run_id: str) -> None:
-        """Remove a run for good: its artifacts and logged models (any artifact store, through MLflow's
-        artifact repositories: local folders, or a server's proxied `mlflow-artifacts:`), then the run
-        itself (a hard delete where the backend allows it: SQLite/Postgres stores; a server's REST API only
-        soft-deletes: its rows hold no example data, only keyed tombstones and keys)."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException:
-            return  # already gone
-        for logged in self._logged_models(run_id):
-            if logged.artifact_location:
-                _delete_artifacts(get_artifact_repository(logged.artifact_location))
-            try:
-                self.client.delete_logged_model(logged.model_id)
-            except MlflowException:
-                pass
-            store = self._store()
-            if hasattr(store, "_hard_delete_logged_model"):
-                store._hard_delete_logged_model(logged.model_id)
-        _delete_artifacts(get_artifact_repository(run.info.artifact_uri))
-        if run.info.lifecycle_stage != "deleted":
-            self.client.delete_run(run_id)
-        store = self._store()
-        if hasattr(store, "_hard_delete_run"):
-            store._hard_delete_run(run_id)
-
-    def _store(self):
-        from mlflow.tracking._tracking_service.utils import _get_store
-
-        return _get_store(self.uri)
-
-    def _logged_models(self, run_id: str) -> list:
-        try:
-            return list(self.client.search_logged_models(experiment_ids=[self.experiment_id],
-                                                         filter_string=f"source_run_id = '{run_id}'"))
-        except Exception:
-            return []
-
-
-def _model_id(version) -> str | None:
-    """The logged model a version registers (SQLite stores keep it in `source` = models:/<id> only)."""
-    mid = getattr(version, "model_id", None)
-    source = getattr(version, "source", "") or ""
-    if not mid and source.startswith("models:/m-"):
-        mid = source.removeprefix("models:/").split("/", 1)[0]
-    return mid or None
-
-
-def _delete_artifacts(repo) -> None:
-    """Delete every artifact under a repository root (a missing folder is already erased)."""
+from s3t_ops.publish import (DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, KINDS, ForeignModel, PlanBundle, Publisher, PublishError,
+                             RegistryErasure, settings_from_env, user_tracking_uri)
+from s3t_ops.tracker import Tracker, default_artifact_root, default_tracking_uri
+
+# --- which registry a state publishes to --------------------------------------------------------------
+def publisher_from(settings: dict[str, Any], state_dir, state_id: str | None = None) -> Publisher:
+    kind = settings.get("kind", "mlflow")
+    if kind == "none":
+        return Publisher()
+    if kind != "mlflow":
+        raise ValueError(f"registry kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return MlflowPublisher(state_dir, settings.get("tracking_uri"), settings.get("model_name") or DEFAULT_MODEL_NAME,
+                           settings.get("experiment") or DEFAULT_EXPERIMENT, state_id)
+
+
+def default_publisher(recorded: dict | None, root: Path, state_id: str | None) -> Publisher:
+    """The registry recorded in the state's ledger (fixed at creation). An MLFLOW_TRACKING_URI that names another
+    store is an error: two doors must not publish to two registries. (The state's own store, named by its URI, is
+    the same store: `mlflow.set_tracking_uri` on it, as a user loading the champion does, is fine.)"""
+    recorded = recorded if recorded is not None else settings_from_env()
+    env_uri = user_tracking_uri()
+    if recorded.get("kind") == "mlflow" and env_uri and env_uri != (recorded.get("tracking_uri") or default_tracking_uri(root)):
+        raise ValueError(f"state {root} publishes to {recorded.get('tracking_uri') or 'its own MLflow store'} "
+                         f"(fixed when it was created), but MLFLOW_TRACKING_URI is {env_uri}; unset it")
+    return publisher_from(recorded, root, state_id)
+
+
+def prepare_registry(settings: dict, folder: Path, final_root: Path, state_id: str) -> None:
+    """At creation: the state's own MLflow store is created in `folder` with its schema migrated (once, here: never
+    by parallel first users later), unless the final folder already holds one (a server started first); with any
+    store, the registered model name is checked to be free or this state's (ForeignModel) before anything else is
+    written."""
+    if settings.get("kind") != "mlflow":
+        return
+    uri = settings.get("tracking_uri")
+    if not uri:
+        db = final_root / "mlflow.db" if (final_root / "mlflow.db").exists() else folder / "mlflow.db"
+        uri = f"sqlite:///{db}"
     try:
-        repo.delete_artifacts()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        if getattr(exc, "errno", None) != 2:
+        Tracker(uri, settings.get("experiment") or DEFAULT_EXPERIMENT, settings.get("model_name") or DEFAULT_MODEL_NAME,
+                default_artifact_root(final_root), state_id).check_owner()
+    except ForeignModel:
+        raise
+    except Exception as exc:  # MLflow raises many types (HTTP, SQL, IO)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PublishError(f"MLflow registry at {uri}: creating the state's store failed ({first})") from exc
+
+
+class MlflowPublisher(Publisher):
+    """MLflow tracking + model registry (a SQLite store in the state folder unless a URI is given)."""
+
+    registers = True
+
+    def __init__(self, state_dir, tracking_uri: str | None = None, model_name: str = DEFAULT_MODEL_NAME,
+                 experiment: str = DEFAULT_EXPERIMENT, state_id: str | None = None):
+        self.state_dir = state_dir
+        self.tracking_uri = tracking_uri or None
+        self.model_name = model_name
+        self.experiment = experiment
+        self.state_id = state_id  # which state's runs and versions these are
+        self._tracker: "Tracker | None" = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "mlflow", "tracking_uri": self.tracking_uri, "model_name": self.model_name, "experiment": self.experiment}
+
+    def bind(self, state_id: str) -> None:
+        self.state_id = state_id
+
+    @property
+    def tracker(self) -> "Tracker":
+        with self._lock:
+            if self._tracker is None:
+                from s3t_ops.ledger import Ledger
+
+                # under the ledger's lock: processes that open a state's store for the first time at once (parallel
+                # Dagster steps) never race on creating its experiment
+                with Ledger(Path(self.state_dir) / "ledger.duckdb").locked():
+                    self._tracker = self._call("opening the store", Tracker, self.tracking_uri or default_tracking_uri(self.state_dir),
+                                               self.experiment, self.model_name, default_artifact_root(self.state_dir), self.state_id)
+            return self._tracker
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except PublishError:
             raise
+        except ForeignModel as exc:
+            raise PublishError(str(exc)) from None
+        except Exception as exc:  # MLflow raises many types (HTTP, SQL, IO)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PublishError(f"MLflow registry at {self.tracking_uri or 'the state folder'}: {what} failed ({first}); "
+                               "the ledger is consistent and the next s3t command retries") from exc
 
+    def stage_trained(self, row: dict, config: dict, tags: dict[str, str]) -> None:
+        self._call("logging a stage run", self.tracker.log_stage, row, config, tags)
 
-def _millis(value) -> int | None:
-    if value is None:
-        return None
-    import datetime as _dt
+    def plan_served(self, plan_id: int, record: dict, bundle: PlanBundle) -> int | None:
+        return self._call("registering the served plan", self.tracker.publish_plan, plan_id, record, bundle)
 
-    if isinstance(value, (int, float)):
-        return int(value)
-    if isinstance(value, str):
-        value = _dt.datetime.fromisoformat(value)
-    if hasattr(value, "to_pydatetime"):
-        value = value.to_pydatetime()
-    return int(value.replace(tzinfo=_dt.timezone.utc).timestamp() * 1000)
+    def erase(self, view: RegistryErasure) -> list[str]:
+        return self._call("erasing versions and runs", self.tracker.erase, view)
 
+    def champion(self) -> dict | None:
+        return self.tracker.champion()
 
-def _version_description(plan_id: int, record: dict, tags: dict[str, str]) -> str:
-    depths = json.loads(tags["depths"])
-    dead = record["plan"]["m"] - len(depths)
-    shards = ", ".join(f"shard {s}: depth {d}" for s, d in depths.items()) or "no live shard"
-    return (f"S3T serving plan {plan_id}: {shards}" + (f"; {dead} dead shard(s)" if dead else "") +
-            f". Honours {tags['honoured_deletions_count']} deletion request(s): no checkpoint of this version was trained "
-            "on a deleted example (tags list their keyed tombstones).")
+    def damaged_copy(self) -> list[str]:
+        return self._call("checking the champion's files", self.tracker.champion_copy_damaged)
 
+    def republish(self, plan_id: int, record: dict, bundle: PlanBundle) -> int | None:
+        def run() -> int:
+            old = self.tracker.champion()
+            version = self.tracker.publish_plan(plan_id, record, bundle, new_version=True)
+            if old is not None and old["version"] != version:
+                self.tracker.delete_version(old["version"], old["run_id"])
+            return version
 
-def load_champion(model_name: str = "s3t-ensemble", tracking_uri: str | None = None):
-    """The served model as the registry has it: `predict(DataFrame(text=...))` -> label + prob_<class>."""
-    import mlflow
-    import mlflow.pyfunc
+        return self._call("re-publishing the plan", run)
 
-    if tracking_uri:
-        use_tracking_uri(tracking_uri)
-    with warnings.catch_warnings():  # loading the model class nags about type hints on `predict`
-        warnings.simplefilter("ignore", UserWarning)
-        return mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
+    def rekey(self, kmap: dict[str, str], rows: list[dict]) -> None:
+        self._call("re-keying stage runs", self.tracker.rekey, kmap, rows)

@@ -1,15 +1,8 @@
 """Demo outputs people read: a JSON summary and a PNG of accuracy and served depth vs deletions."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
-
-
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str))
-    return path
 
 
 def plot_deletions(path: Path, rows: list[dict[str, Any]], retrained: dict[str, Any] | None, majority: float, L: int, m: int) -> Path:

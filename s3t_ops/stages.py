@@ -36,6 +36,16 @@ def epoch_order(ids: Sequence[str], seed: int, epoch: int) -> list[int]:
     return sorted(range(len(ids)), key=keys.__getitem__)
 
 
+def gradient_step(optimizer: torch.optim.Optimizer, loss_fn: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The one training step of every loop (a stage here, the ordinary classifier in classifier.py): the loss of these
+    logits, gradients cleared, backward, one optimizer step. Returns the loss."""
+    loss = loss_fn(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def group_seed(seed: int, group: int) -> int:
     """The seed of group `group`'s fresh LoRA in a full-depth stage 1 seeded `seed` (one stream per group)."""
     return int(hashlib.sha256(f"group|{seed}|{group}".encode()).hexdigest()[:8], 16) % (2**31)
@@ -59,7 +69,7 @@ def depth_logits(backbone: Backbone, head: nn.Module, trunk: TrunkCache, rows: t
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             h, mask = trunk.batch(rows[i:i + batch_size], start, backbone.embed)
-            out.append(head(backbone.run_from(h, mask, start)))
+            out.append(head(backbone.run_from(h, mask, start)).cpu())
     return torch.cat(out) if out else torch.zeros(0, head.out_features)
 
 
@@ -132,6 +142,8 @@ def fit_group(
         head = new_head(backbone.hidden_size, num_labels, seed)
         if parent_head is not None and cfg.warm_start_head:
             head.load_state_dict(parent_head)
+        head = head.to(backbone.device)
+        labels = labels.to(backbone.device)
         params = [p for g in trained for p in backbone.group_parameters(g)]
         for p in params:
             p.requires_grad_(True)
@@ -148,13 +160,10 @@ def fit_group(
                     idx = order[i:i + cfg.batch_size]
                     logits = head(features(idx))
                     y = labels[idx]
-                    loss = loss_fn(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    loss = gradient_step(optimizer, loss_fn, logits, y)
                     result.steps += 1
                     result.grad_example_steps += len(idx)
-                    total_loss += float(loss.detach()) * len(idx)
+                    total_loss += loss * len(idx)
                     correct += int((logits.argmax(-1) == y).sum())
                     if on_batch:
                         on_batch(len(idx))
@@ -165,7 +174,7 @@ def fit_group(
             head.eval()
             for p in params:
                 p.requires_grad_(False)
-        head_state = {n: t.detach().clone() for n, t in head.state_dict().items()}
+        head_state = {n: t.detach().cpu().clone() for n, t in head.state_dict().items()}
         if full or cfg.refine_groups:
             result.state = join_groups({g: backbone.group_state(g) for g in trained}, head_state)
         else:

@@ -1,7 +1,7 @@
 """Where a state's data files live: a local folder by default, any fsspec filesystem by configuration.
 
 The trunk cache, the slice Parquet files, the stage checkpoints and the memorization artifacts
-(s3t_ops/memorization/store.py, with its own commit protocol) are read and written through one
+(s3t_ops/memorization/artifacts.py, with its own commit protocol) are read and written through one
 `Storage`: a root URL (a plain path, `file://...`, `s3://bucket/prefix`, `gs://...`, `memory://...`)
 and paths relative to it (`checkpoints/ab/<key>.safetensors`). The ledger, its lock, `secret.key` and
 `config.json` are not data files: they stay in the local state folder (docs/scaling.md, "Storage").

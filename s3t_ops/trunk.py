@@ -57,6 +57,7 @@ class TrunkCache:
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 hidden state entering `block`, attention mask) of these rows; block 0 from the token
         ids needs `embed` (the backbone's embedding layer)."""
+        rows = rows.to(self.mask.device)
         mask = self.mask.index_select(0, rows).long()
         if block in self.hidden:
             return self.hidden[block].index_select(0, rows).float(), mask
@@ -153,7 +154,7 @@ def compute_trunk(
         masks.append(mask.to(torch.uint8))
         tokens.append(input_ids.to(torch.int32))
         for b in stored:
-            parts[b].append(states[b].to(dtype))
+            parts[b].append(states[b].to(dtype).cpu())  # kept on the CPU, whatever device computed it
         if progress:
             progress(len(input_ids))
     keep_ids = 0 in blocks

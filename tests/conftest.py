@@ -15,6 +15,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED_SECRET = bytes(range(32))
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_as_it_was():
+    """A test that calls `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into this process's environment,
+    where later tests would read it as a user's choice of registry: put it back as it was."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     import torch

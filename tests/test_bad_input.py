@@ -161,7 +161,7 @@ def test_a_tampered_served_checkpoint_is_detected_never_served_and_retrained(wor
     served = engine.served()[1]["checkpoints"]
     shard, keys = sorted(served.items())[0]
     key = keys[-1]
-    path = engine.store.path(key)
+    path = engine.checkpoints.path(key)
     original = path.read_bytes()
     data = bytearray(original)
     if where == "body":
@@ -223,7 +223,7 @@ def test_forget_while_train_runs_leaves_no_checkpoint_trained_on_the_deleted_exa
     tomb = engine.ledger.tombstone(y)
     rows = engine.checkpoint_rows()
     assert not [k for k in rows if tomb in engine.ledger.lineage(k)]  # 0 checkpoints trained on y remain
-    assert engine.store.keys_on_disk() == set(rows)
+    assert engine.checkpoints.keys_on_disk() == set(rows)
     assert engine.audit() == {} and engine.missing_stages() == []
     d = engine.ledger.deletions()
     assert d["retrained_at"].notna().all()  # stamped only once nothing awaits retraining

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from s3t_ops.baselines import SISA, FullRetrain, PerShardLoRA, S3TSystem, SharedData, aggregate, train_stage_naive
-from s3t_ops.baselines.full_lora import split_full_state
+from tests.oracles import split_full_state
 from s3t_ops.engine import S3T
 from s3t_ops.publish import Publisher
 from s3t_ops.stages import train_stage

@@ -23,7 +23,7 @@ from tests.statecheck import byte_scan, copy_state, run_cli, tiny_world
 
 pytestmark = pytest.mark.timeout(600)
 
-FORGET_POINTS = ["before_deletion_commit", "after_deletion_commit", "after_model_logged", "after_version_registered",
+FORGET_POINTS = ["before_deletion_commit", "before_plan_pointer", "after_deletion_commit", "after_model_logged", "after_version_registered",
                  "after_alias_moved", "during_purge", "during_trunk_erase", "during_slice_erase", "during_registry_erase",
                  "during_compaction", "before_erased_mark"]
 TRAIN_POINTS = ["before_checkpoint_record", "after_checkpoint_file", "before_checkpoint_commit", "after_checkpoint_commit",
@@ -49,7 +49,7 @@ def _cfg_args(backbone: Path) -> list[str]:
 
 
 def _checkpoint_bytes(engine: S3T) -> dict[str, bytes]:
-    return {s.key: engine.store.path(s.key).read_bytes() for s in engine.stage_specs()}
+    return {s.key: engine.checkpoints.path(s.key).read_bytes() for s in engine.stage_specs()}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def _assert_exact_and_erased(engine: S3T, w: World) -> None:
         assert record is not None and engine.audit(record) == {}, v
     assert byte_scan(engine.root, [w.text, w.x]) == []
     live = set(engine.checkpoint_rows())
-    assert engine.store.keys_on_disk() == live  # no orphan file, no row without a file
+    assert engine.checkpoints.keys_on_disk() == live  # no orphan file, no row without a file
     assert not [p for p in engine.root.rglob("*") if ".tmp-" in p.name or p.name.endswith(".compact")]
 
 
@@ -116,6 +116,7 @@ def test_crash_while_forgetting(world, point, tmp_path):
         assert engine.audit() == {}
         engine.forget([world.x])  # the user sends it again
     _assert_exact_and_erased(engine, world)
+    assert engine.ledger.read_pointer() == engine.served()  # servers read the plan the ledger serves
     engine.retrain()
     _assert_equals_clean_run(engine, world)
 

@@ -49,8 +49,8 @@ def _snapshot(state) -> dict:
     return {
         "engine": engine,
         "plan": plan["plan"],
-        "served_files": {position[k]: engine.store.path(k).read_bytes() for keys in plan["checkpoints"].values() for k in keys},
-        "files": {position[k]: engine.store.path(k).read_bytes() for k in engine.checkpoint_rows() if k in position},
+        "served_files": {position[k]: engine.checkpoints.path(k).read_bytes() for keys in plan["checkpoints"].values() for k in keys},
+        "files": {position[k]: engine.checkpoints.path(k).read_bytes() for k in engine.checkpoint_rows() if k in position},
         "deletions": {c: dels[c].notna().tolist() for c in ("honoured_at", "erased_at", "registry_erased_at", "retrained_at")}
                      | {"split": dels["split"].tolist(), "cell": list(zip(dels["shard"].tolist(), dels["slice"].tolist()))},
         "depths": json.loads(champ["tags"]["depths"]),
@@ -141,13 +141,12 @@ def test_both_registries_honour_the_deletion_and_keep_no_tainted_version(doors):
 def test_cli_forget_alone_moves_the_champion_and_erases_everywhere(doors):
     """No Dagster involved: `s3t forget` leaves a champion that predicts and honours the deletion, and the
     example's text is in no file of the state folder (ledger, trunk, checkpoints, MLflow store, artifacts)."""
-    import mlflow.pyfunc
+    from s3t_ops.champion import load_champion
 
     state = doors["root"] / "cli"
     engine = doors["cli"]["engine"]
     tracker = engine.publisher.tracker
-    mlflow.set_tracking_uri(tracker.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{tracker.model_name}@champion")
+    model = load_champion(tracker.model_name, tracker.uri)
     out = model.predict(pd.DataFrame({"text": ["a lovely day", "an awful day"]}))
     assert len(out) == 2 and {"label", "prob_neg", "prob_neu", "prob_pos"} <= set(out.columns)
     assert byte_scan(state, [doors["text"], doors["victim"]]) == []

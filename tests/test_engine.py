@@ -19,7 +19,8 @@ import torch
 from s3t_ops.config import ConfigError, S3TConfig
 from s3t_ops.engine import S3T, StateError
 from s3t_ops.ledger import UnknownExampleError
-from s3t_ops.planner import plan_for_deletions, stages_to_retrain
+from s3t_ops.planner import plan_for_deletions
+from tests.oracles import stages_to_retrain
 from s3t_ops.publish import Publisher
 from s3t_ops.trunk import TrunkCache
 from tests.conftest import SHARED_SECRET, toy_frame
@@ -57,7 +58,7 @@ class Snapshot:
 
 def snap(eng: S3T) -> Snapshot:
     specs = triples(eng.stage_specs())
-    return Snapshot(specs, {t for t, k in specs.items() if eng.store.exists(k)},
+    return Snapshot(specs, {t for t, k in specs.items() if eng.checkpoints.exists(k)},
                     set(eng.ledger.checkpoints(live_only=False)["key"]), eng.served())
 
 
@@ -221,7 +222,7 @@ def test_missing_stages_are_exactly_the_predicted_ones(scenario, n):
     for t, key in step.before.specs.items():
         if t in predicted:
             assert step.after_forget.specs[t] != key, t
-            assert not scenario["engine"].store.exists(key), t
+            assert not scenario["engine"].checkpoints.exists(key), t
         else:
             assert step.after_forget.specs[t] == key, t
             assert t in step.after_forget.present
@@ -269,7 +270,7 @@ def test_purge_removed_the_stale_checkpoint_files(scenario, n):
     assert len(stale) == step.report.purged_checkpoints > 0
     rows = eng.ledger.checkpoints(live_only=False).set_index("key")
     for key in stale:
-        assert not eng.store.exists(key)
+        assert not eng.checkpoints.exists(key)
         assert pd.notna(rows.loc[key, "purged_at"])
     files = {p.stem for p in (eng.root / "checkpoints").rglob("*.safetensors")}
     assert files == set(eng.ledger.checkpoints()["key"])  # only live checkpoints remain on disk
@@ -357,7 +358,7 @@ def test_retrained_checkpoint_files_are_byte_identical_to_scratch(scenario):
     step = scenario["steps"][1]
     eng, scratch = scenario["engine"], step.scratch
     for key in step.after_train.specs.values():
-        assert eng.store.path(key).read_bytes() == scratch.store.path(key).read_bytes(), key
+        assert eng.checkpoints.path(key).read_bytes() == scratch.checkpoints.path(key).read_bytes(), key
         assert eng.checkpoint_rows()[key]["sha256"] == scratch.checkpoint_rows()[key]["sha256"]
 
 
@@ -403,7 +404,7 @@ def test_stage_model_levers_keep_retraining_bitwise_equal_to_scratch(tmp_path, t
     ours, theirs = triples(eng.stage_specs()), triples(scratch.stage_specs())
     assert ours == theirs
     for key in ours.values():
-        assert eng.store.path(key).read_bytes() == scratch.store.path(key).read_bytes()
+        assert eng.checkpoints.path(key).read_bytes() == scratch.checkpoints.path(key).read_bytes()
     if changes.get("stage_model") == "full_depth":  # a full-depth stage holds every group, stage 1 included
         first = eng.load_checkpoint(ours[(0, 0, 1)])
         assert any(k.startswith("lora.g1.") for k in first) and any(k.startswith("lora.g2.") for k in first)

@@ -7,6 +7,7 @@ import pytest
 from s3t_ops.config import S3TConfig
 from s3t_ops.engine import S3T
 from s3t_ops.erasure import erase_pending, traces
+from s3t_ops.serving import plan_in
 from tests.conftest import toy_frame
 from tests.statecheck import byte_scan
 
@@ -48,9 +49,9 @@ def test_forget_erases_memorization_artifacts_and_their_runs(tmp_path, tiny_back
     assert leftovers == []
     assert memorization_runs() == []
     assert byte_scan(engine.root, [victim["text"], victim["id"]]) == []
-    assert traces(engine) == {}
+    assert traces(engine.state) == {}
     assert engine.ledger.pending_erasure() == set()
-    assert erase_pending(engine).pending == 0  # idempotent: nothing left to do
+    assert erase_pending(engine.state).pending == 0  # idempotent: nothing left to do
 
 
 def test_traces_finds_rows_that_erasure_has_not_removed_yet(tmp_path, tiny_backbone_dir):
@@ -67,9 +68,9 @@ def test_traces_finds_rows_that_erasure_has_not_removed_yet(tmp_path, tiny_backb
     engine.build_trunk()
     engine.materialize_slice(0, 0)
     victim = engine.ledger.members(0, 0)["id"].iloc[0]
-    engine.ledger.honour([victim], engine._plan_in)  # honoured, not yet erased (as after a crash)
-    found = traces(engine)
+    engine.ledger.honour([victim], plan_in(engine.state))  # honoured, not yet erased (as after a crash)
+    found = traces(engine.state)
     assert set(found) == {str(engine.root / "trunk" / "train-s0-j0.safetensors"), str(engine.root / "slices" / "s0-j0.parquet")}
     assert all(n == 1 for n in found.values())
-    erase_pending(engine)
-    assert traces(engine) == {} and engine.ledger.pending_erasure() == set()
+    erase_pending(engine.state)
+    assert traces(engine.state) == {} and engine.ledger.pending_erasure() == set()

@@ -82,7 +82,7 @@ def test_a_state_folder_made_by_mlflow_ui_first_is_accepted(tmp_path, tiny_backb
 
 
 def test_a_creation_that_died_while_moving_in_is_undone_by_the_next(tmp_path, tiny_backbone_dir):
-    from s3t_ops.engine import MOVING
+    from s3t_ops.opening import MOVING
 
     cfg, data = tiny_world(tmp_path, tiny_backbone_dir, 40)
     cfg.state_dir.mkdir()

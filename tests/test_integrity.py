@@ -102,7 +102,7 @@ def test_a_deletion_cannot_be_confirmed_from_the_text_alone(template, tmp_path):
 def test_the_registry_refuses_a_damaged_copy_and_status_republishes_it(template, tmp_path, capsys):
     import mlflow.pyfunc
 
-    from s3t_ops.registry import load_champion
+    from s3t_ops.champion import load_champion
 
     state = _copy(template, tmp_path / "s")
     engine = S3T.open(state, progress=False)
@@ -134,7 +134,7 @@ def test_a_damaged_trunk_file_is_rebuilt_never_used(template, tmp_path):
     x, _ = _victim(clean, 1, 1)
     clean.forget([x])
     clean.retrain()
-    reference = {(s.shard, s.seq, s.stage): clean.store.path(s.key).read_bytes() for s in clean.stage_specs()}
+    reference = {(s.shard, s.seq, s.stage): clean.checkpoints.path(s.key).read_bytes() for s in clean.stage_specs()}
 
     state = _copy(template, tmp_path / "s")
     mantissa = state / "trunk" / "train-s1-j0.safetensors"  # a slice the retraining reads
@@ -144,7 +144,7 @@ def test_a_damaged_trunk_file_is_rebuilt_never_used(template, tmp_path):
     engine = S3T.open(state, progress=False)
     engine.forget([x])  # erasure meets the broken header: removed unread, no crash
     engine.retrain()
-    ours = {(s.shard, s.seq, s.stage): engine.store.path(s.key).read_bytes() for s in engine.stage_specs()}
+    ours = {(s.shard, s.seq, s.stage): engine.checkpoints.path(s.key).read_bytes() for s in engine.stage_specs()}
     assert ours == reference  # the flipped bit never reached a checkpoint
     for rel in ("trunk/train-s1-j0.safetensors", "trunk/train-s0-j1.safetensors"):
         assert engine.data_files.intact(rel)  # rebuilt from the backbone, recorded again
@@ -213,7 +213,7 @@ def shared_store(request, tmp_path):
 
 def test_two_states_on_one_store_keep_their_own_models_and_runs(shared_store, tmp_path, tiny_backbone_dir):
     from s3t_ops.engine import StateError
-    from s3t_ops.publish import MlflowPublisher
+    from s3t_ops.registry import MlflowPublisher
 
     cfg_a, data = tiny_world(tmp_path, tiny_backbone_dir, 60, state="a")
     cfg_b = cfg_a.replace(state_dir=tmp_path / "b")
@@ -359,7 +359,7 @@ def test_a_state_of_the_previous_schema_is_migrated_in_place(tmp_path, tiny_back
     migrated = S3T.open(cfg.state_dir, progress=False, publisher=Publisher())
     assert migrated.ledger.schema_version == 3 and migrated.missing_stages() == []  # nothing to retrain
     assert {(s.shard, s.seq, s.stage): s.key for s in migrated.stage_specs()} == today  # the keyed keys, files renamed
-    assert migrated.store.keys_on_disk() == set(today.values())
+    assert migrated.checkpoints.keys_on_disk() == set(today.values())
     _, again = migrated.ensemble().predict(texts)
     assert (again == probs).all()
     x, _ = _victim(migrated)

@@ -30,10 +30,10 @@ def _frame() -> pd.DataFrame:
 
 @pytest.fixture
 def ledger(tmp_path) -> Ledger:
-    Keyring.create(tmp_path)
+    keyring = Keyring.create(tmp_path)
     _ROOT[:] = [tmp_path]
     led = Ledger(tmp_path / "ledger.duckdb")
-    led.create()
+    led.create(keyring)
     led.add_examples(_frame())
     return led
 

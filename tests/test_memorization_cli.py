@@ -124,7 +124,7 @@ def test_unlearn_without_a_state_exits_2(tmp_path, capsys):
 def test_tracker_logs_an_unlearning_run_always_tagged_approximate(tmp_path):
     from mlflow import MlflowClient
 
-    from s3t_ops.registry import Tracker
+    from s3t_ops.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracker = Tracker(uri, experiment="unlearn-test", artifact_root=str(tmp_path / "art"))

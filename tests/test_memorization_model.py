@@ -10,7 +10,7 @@ import torch
 
 from s3t_ops.memorization.config import MemorizationConfig, MethodConfig
 from s3t_ops.memorization.methods import oracle, saliency_mask, unlearn
-from s3t_ops.memorization.model import MonolithicClassifier
+from s3t_ops.classifier import MonolithicClassifier
 from s3t_ops.memorization.proxies import ProxyTracker, holdout_retraining, memorization_score
 from s3t_ops.memorization.rum import run_rum, split_bins, uniform_schedule
 from s3t_ops.memorization.scores import subsampled_memorization

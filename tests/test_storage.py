@@ -17,6 +17,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from s3t_ops.config import ConfigError, S3TConfig
 from s3t_ops.engine import S3T
 from s3t_ops.erasure import erase_pending, traces
+from s3t_ops.serving import plan_in
 from s3t_ops.publish import Publisher
 from s3t_ops.storage import StorageError
 from tests.conftest import SHARED_SECRET, toy_frame
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.timeout(600)
 
 BASE = dict(shards=2, slices=2, budget=2, epochs=1, batch_size=8, lr=5e-3, max_tokens=16, lora_rank=4, lora_alpha=8,
             n_train=None, n_val=8, n_test=8)
-LEDGER_FILES = ["config.json", "ledger.duckdb", "ledger.duckdb.lock", "secret.key"]
+LEDGER_FILES = ["config.json", "ledger.duckdb", "ledger.duckdb.lock", "secret.key", "served-plan.json", "server.token"]
 
 
 class StrictFileSystem(LocalFileSystem):
@@ -125,7 +126,7 @@ def test_the_flow_on_fsspec_storage_equals_the_local_one_byte_for_byte(flows, wh
     assert other["accuracy_after_forget"] == local["accuracy_after_forget"] and other["accuracy"] == local["accuracy"]
     assert torch.equal(other["labels"], local["labels"]) and torch.equal(other["probs"], local["probs"])
     eng = other["engine"]
-    assert eng.missing_stages() == [] and eng.audit() == {} and traces(eng) == {}
+    assert eng.missing_stages() == [] and eng.audit() == {} and traces(eng.state) == {}
 
 
 def test_local_storage_keeps_its_layout_in_the_state_folder(flows):
@@ -134,7 +135,7 @@ def test_local_storage_keeps_its_layout_in_the_state_folder(flows):
     for rel in flows["local"]["files"]:
         assert (eng.root / rel).is_file(), rel
     key = next(iter(eng.checkpoint_rows()))
-    assert eng.store.path(key) == eng.root / "checkpoints" / key[:2] / f"{key}.safetensors"
+    assert eng.checkpoints.path(key) == eng.root / "checkpoints" / key[:2] / f"{key}.safetensors"
 
 
 def test_only_the_ledger_stays_in_the_local_state_folder(flows):
@@ -146,7 +147,7 @@ def test_only_the_ledger_stays_in_the_local_state_folder(flows):
     bucket = flows["bucket"]
     assert sorted(os.listdir(bucket)) == ["s3t"] and sorted(os.listdir(bucket / "s3t")) == ["checkpoints", "slices", "trunk"]
     strict = flows["strict"]["engine"]
-    assert strict.store.location(next(iter(strict.checkpoint_rows()))).startswith(f"strict://{bucket}/s3t/checkpoints/")
+    assert strict.checkpoints.location(next(iter(strict.checkpoint_rows()))).startswith(f"strict://{bucket}/s3t/checkpoints/")
     with pytest.raises(PermissionError, match="refuses"):
         StrictFileSystem().cat_file(str(strict.root / "ledger.duckdb"))
 
@@ -160,12 +161,12 @@ def test_erasure_on_memory_storage_removes_every_trace(memory_url, tmp_path, tin
     members = eng.ledger.members(0, 0)
     victim = members["id"].iloc[0]
     text = eng.examples().set_index("id").loc[victim, "text"]
-    eng.ledger.honour([victim], eng._plan_in)  # honoured, not yet erased (as after a crash)
-    found = traces(eng)
+    eng.ledger.honour([victim], plan_in(eng.state))  # honoured, not yet erased (as after a crash)
+    found = traces(eng.state)
     assert set(found) == {f"{memory_url}/trunk/train-s0-j0.safetensors", f"{memory_url}/slices/s0-j0.parquet"}
     assert all(n == 1 for n in found.values())
-    erase_pending(eng)
-    assert traces(eng) == {} and eng.ledger.pending_erasure() == set()
+    erase_pending(eng.state)
+    assert traces(eng.state) == {} and eng.ledger.pending_erasure() == set()
     fs = fsspec.filesystem("memory")
     objects = fs.find(memory_url)
     assert objects and all(victim.encode() not in fs.cat_file(p) and text.encode() not in fs.cat_file(p) for p in objects)
@@ -182,17 +183,17 @@ def test_repair_on_memory_storage_removes_orphan_and_damaged_checkpoint_objects(
     fs = fsspec.filesystem("memory")
     orphan = "ab" + "0" * 22
     fs.pipe_file(f"{memory_url}/checkpoints/ab/{orphan}.safetensors", b"weights of a crash between object and row")
-    original = eng.store.read(key, None)
+    original = eng.checkpoints.read(key, None)
     fs.pipe_file(f"{memory_url}/checkpoints/{key[:2]}/{key}.safetensors", original[:-8] + b"\xff" * 8)
 
     eng = S3T.open(cfg.state_dir, publisher=Publisher(), progress=False)
     actions = "\n".join(eng.last_repair.actions)
     assert f"deleted orphan checkpoint file {memory_url}/checkpoints/ab/{orphan}.safetensors" in actions
     assert f"checkpoint file {memory_url}/checkpoints/{key[:2]}/{key}.safetensors is damaged" in actions
-    assert eng.store.keys_on_disk() == set() and eng.checkpoint_rows() == {}
+    assert eng.checkpoints.keys_on_disk() == set() and eng.checkpoint_rows() == {}
     assert not any(key in keys for keys in eng.served()[1]["checkpoints"].values())
     eng.retrain()
-    assert eng.store.keys_on_disk() == {key} and eng.store.read(key, None) == original  # retrained bit for bit
+    assert eng.checkpoints.keys_on_disk() == {key} and eng.checkpoints.read(key, None) == original  # retrained bit for bit
     assert S3T.open(cfg.state_dir, publisher=Publisher(), progress=False).last_repair.actions == []
 
 
@@ -280,6 +281,6 @@ def test_the_pipeline_trains_forgets_and_retrains_on_memory_storage(memory_url, 
         for key in stages[0].partitions_def.get_partition_keys():
             assert dg.materialize(stages, partition_key=key, instance=instance).success
         eng = S3T.open(cfg.state_dir, progress=False)
-        assert eng.missing_stages() == [] and eng.audit() == {} and traces(eng) == {}
+        assert eng.missing_stages() == [] and eng.audit() == {} and traces(eng.state) == {}
         assert {p.name for p in eng.root.iterdir()} <= {*LEDGER_FILES, "mlflow.db", "mlartifacts"}
-        assert eng.store.keys_on_disk() == set(eng.checkpoint_rows())
+        assert eng.checkpoints.keys_on_disk() == set(eng.checkpoint_rows())

@@ -6,7 +6,7 @@ rest: each trains extra models, so "Materialize all" must never take them along.
 every executable asset on the page, so they are declared as external asset specs (not executable from the graph)
 and produced by the `memorization` job, whose ops record their materializations (Launchpad config below). Each op is
 one step of the path `s3t unlearn` takes too (s3t_ops/memorization/service.py); what they leave in the state's
-storage (memorization/), and its erasure after deletions, is s3t_ops/memorization/store.py's.
+storage (memorization/), and its erasure after deletions, is s3t_ops/memorization/artifacts.py's.
 """
 
 import time
@@ -21,15 +21,27 @@ GROUP = "memorization"
 JOB = "memorization"
 
 
-class MemorizationScoresConfig(dg.Config):
-    depth: int = _D.depth  # top groups of the backbone with a trained LoRA
-    epochs: int = _D.epochs  # of the original model (and, downstream, of the oracle)
-    lr: float = _D.lr
-    seed: int = _D.seed
+def _memorization_fields() -> dict:
+    """MemorizationConfig's fields for the Launchpad, declared once (s3t_ops/memorization/config.py), with their help."""
+    from pydantic import Field
+
+    from s3t_ops.config import flag_fields, plain_type
+
+    out = {"__annotations__": {}}
+    for f in flag_fields(MemorizationConfig):
+        out["__annotations__"][f.name] = plain_type(f)
+        out[f.name] = Field(default=getattr(_D, f.name), description=f.metadata["help"])
+    return out
+
+
+class _ScoresChoices(dg.Config):
     holdout: bool = True  # holdout-retraining proxy (fine-tunes a copy on the validation split)
     inventory: bool = True  # the free estimate from the S3T stage checkpoints
     subsampled: bool = False  # the costly true score: subsample_models trainings on 70% subsets
-    subsample_models: int = 8
+
+
+# the asset's choices above plus MemorizationConfig's own fields (depth, epochs, lr, seed, subsample_models)
+MemorizationScoresConfig = type("MemorizationScoresConfig", (_ScoresChoices,), _memorization_fields())
 
 
 class RumUnlearnedConfig(dg.Config):
@@ -73,8 +85,9 @@ def memorization_scores_op(context: dg.OpExecutionContext, config: MemorizationS
     from s3t_ops.memorization.service import materialize_scores
 
     t0 = time.perf_counter()
-    mcfg = MemorizationConfig(depth=config.depth, epochs=config.epochs, lr=config.lr, seed=config.seed,
-                              subsample_models=config.subsample_models)
+    from s3t_ops.config import flag_fields
+
+    mcfg = MemorizationConfig(**{f.name: getattr(config, f.name) for f in flag_fields(MemorizationConfig)})
     out = materialize_scores(s3t.engine(), mcfg, holdout=config.holdout, inventory=config.inventory,
                              subsampled=config.subsampled, log=context.log.info)
     spearman = {f"spearman_vs_{truth}": dg.MetadataValue.json({k: round(v, 4) for k, v in agree.items()})

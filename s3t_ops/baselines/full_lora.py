@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from s3t_ops.backbone import Backbone
-from s3t_ops.memorization.model import LabeledTrunk, MonolithicClassifier, State, TrainResult, split_groups, train_classifier
+from s3t_ops.classifier import LabeledTrunk, MonolithicClassifier, State, TrainResult, train_classifier
 from s3t_ops.trunk import TrunkCache
 
 
@@ -40,18 +40,6 @@ class FullLoRA(MonolithicClassifier):
         if init is not None:
             self.head = nn.Linear(self.backbone.hidden_size, self.num_labels)
         super().begin(seed, init)
-
-
-def split_full_state(state: dict[str, torch.Tensor], groups: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """(every group's LoRA state, the head state) of a full-LoRA state."""
-    return split_groups(state, groups)
-
-
-def load_full(backbone: Backbone, state: dict[str, torch.Tensor], num_labels: int) -> nn.Linear:
-    """Load every group's adapter and the head; all groups active. Returns the head."""
-    clf = FullLoRA(backbone, num_labels)
-    clf.load(state)
-    return clf.head
 
 
 def full_logits(backbone: Backbone, state: dict[str, torch.Tensor], num_labels: int, trunk: TrunkCache,

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from s3t_ops.config import ConfigError
+from s3t_ops.config import ConfigError, option
 
 METHODS = ("none", "finetune", "neggrad", "neggrad_plus", "l1_sparse", "random_label", "salun")
 OPTIMIZERS = ("sgd", "adamw")
@@ -165,20 +165,20 @@ class MemorizationConfig:
     papers' ResNet/SGD settings.
     """
 
-    depth: int = 1
-    epochs: int = 6
-    lr: float = 3e-3
+    depth: int = option(1, "top groups with a trained LoRA")
+    epochs: int = option(6, "epochs of the original model and the oracle")
+    lr: float = option(3e-3, "their learning rate (AdamW)")
     batch_size: int = 32
     holdout_lr: float = 1e-3
     holdout_max_epochs: int = 20
     holdout_patience: int = 4
-    subsample_models: int = 16
+    subsample_models: int = option(16, "models trained on random subsets for the subsampled true memorization score")
     subsample_fraction: float = 0.7
     proxy: str = "confidence"
     rum_f: dict[str, MethodConfig] = field(default_factory=tuned_rum_f_schedule)
     rum: dict[str, MethodConfig] = field(default_factory=tuned_rum_schedule)
     vanilla: MethodConfig = field(default_factory=lambda: TUNED["neggrad_plus"])
-    seed: int = 0
+    seed: int = option(0, "seed of the original model (the first seed, with several)")
 
     def __post_init__(self) -> None:
         for name in ("depth", "epochs", "batch_size", "holdout_max_epochs", "holdout_patience", "subsample_models"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from s3t_ops.memorization.config import MethodConfig
-from s3t_ops.memorization.model import LabeledTrunk, MonolithicClassifier, State, TrainResult, batches, make_optimizer, seeded, train_classifier
+from s3t_ops.classifier import LabeledTrunk, MonolithicClassifier, State, TrainResult, batches, make_optimizer, seeded, train_classifier
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from s3t_ops.memorization.model import LabeledTrunk, MonolithicClassifier, State
+from s3t_ops.classifier import LabeledTrunk, MonolithicClassifier, State
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

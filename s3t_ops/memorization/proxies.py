@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from s3t_ops.memorization.model import LabeledTrunk, MonolithicClassifier, State, train_classifier
+from s3t_ops.classifier import LabeledTrunk, MonolithicClassifier, State, train_classifier
 
 STEP_PROXIES = ("confidence", "max_confidence", "neg_entropy", "binary_accuracy")
 # +1: the proxy grows with memorization; -1: it shrinks (docs/memorization.md, "## Proxies": "high => low memorization").

@@ -18,7 +18,7 @@ import pandas as pd
 
 from s3t_ops.memorization.config import BINS, MethodConfig
 from s3t_ops.memorization.methods import UnlearnResult, unlearn
-from s3t_ops.memorization.model import LabeledTrunk, MonolithicClassifier, State
+from s3t_ops.classifier import LabeledTrunk, MonolithicClassifier, State
 
 
 def bin_sizes(n: int) -> dict[str, int]:

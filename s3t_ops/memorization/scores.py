@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from s3t_ops.memorization.model import LabeledTrunk, MonolithicClassifier, train_classifier
+from s3t_ops.classifier import LabeledTrunk, MonolithicClassifier, train_classifier
 
 if TYPE_CHECKING:  # the engine imports heavy modules; only the inventory needs it
     from s3t_ops.engine import S3T
@@ -122,7 +122,7 @@ def inventory_scores(engine: "S3T", stratify: bool = True, batch_size: int = 256
     tombs = engine.ledger.keyring.tombstones(ids)
     frame = engine.ledger.checkpoints().astype(object)
     frame = frame.where(frame.notna(), None)
-    live = {r["key"]: r for r in frame.to_dict("records") if engine.store.intact(r["key"], r["sha256"])}
+    live = {r["key"]: r for r in frame.to_dict("records") if engine.checkpoints.intact(r["key"], r["sha256"])}
     backbone = engine.backbone
     correct, seen, depth = [], [], []
     for key, row in live.items():
@@ -132,7 +132,7 @@ def inventory_scores(engine: "S3T", stratify: bool = True, batch_size: int = 256
             k = live[k]["parent_key"]
         if len(chain) != int(row["stage"]):
             continue  # an ancestor was purged: this checkpoint cannot be run
-        states = [engine.store.load(c, live[c]["sha256"]) for c in reversed(chain)]
+        states = [engine.checkpoints.load(c, live[c]["sha256"]) for c in reversed(chain)]
         span = engine.cfg.active_groups(len(states))
         load_prefix(backbone, states)
         backbone.activate(span)

@@ -28,15 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from s3t_ops.memorization import metrics, scores, store
+from s3t_ops.memorization import artifacts as store
+from s3t_ops.memorization import metrics, scores
 from s3t_ops.memorization import workflow as wf
 from s3t_ops.memorization.config import UNLEARN_PROXIES, MemorizationConfig, MethodConfig
-from s3t_ops.memorization.model import MonolithicClassifier
+from s3t_ops.classifier import MonolithicClassifier
 from s3t_ops.memorization.report import APPROXIMATE_NOTE, figure
 
 if TYPE_CHECKING:
     from s3t_ops.engine import S3T
-    from s3t_ops.registry import Tracker
+    from s3t_ops.tracker import Tracker
 
 EXPERIMENT = "s3t-approximate-unlearning"
 
@@ -70,7 +71,7 @@ def log_runs(tracker: "Tracker", report: dict[str, Any], seed: int, group: str, 
 def tracker_for(engine: "S3T", tracking_uri: str | None = None) -> "Tracker":
     """The state's MLflow store (or `tracking_uri`), experiment EXPERIMENT; runs carry the state's id, so the state's
     erasure finds them."""
-    from s3t_ops.registry import Tracker, default_artifact_root, default_tracking_uri
+    from s3t_ops.tracker import Tracker, default_artifact_root, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(engine.root)
     return Tracker(uri, experiment=EXPERIMENT, artifact_root=default_artifact_root(engine.root), state_id=engine.ledger.get_meta("state_id"))
@@ -93,11 +94,11 @@ def prepare(engine: "S3T", mcfg: MemorizationConfig, splits: wf.Splits | None = 
     (retrain=True: always trained)."""
     splits = splits or wf.splits_from_engine(engine)
     clf = wf.classifier_for(engine.backbone, len(splits.label_names), mcfg)
-    original = None if retrain else store.load_original(engine.storage, splits.train.ids, mcfg)
+    original = None if retrain else wf.original_from(store.load_original(engine.storage, splits.train.ids, mcfg))
     cached = original is not None
     if original is None:
         original = wf.train_original(clf, splits, mcfg)
-        store.save_original(engine.storage, splits.train.ids, mcfg, original)
+        store.save_original(engine.storage, splits.train.ids, mcfg, *wf.original_parts(original))
     return Prepared(splits, clf, original, store.location(engine.storage, store.original_name(splits.train.ids, mcfg)), cached)
 
 

@@ -23,7 +23,7 @@ import torch
 from s3t_ops.memorization import metrics, proxies, rum, scores
 from s3t_ops.memorization.config import METHODS, UNLEARN_METHODS, MemorizationConfig, MethodConfig, default_method
 from s3t_ops.memorization.methods import oracle
-from s3t_ops.memorization.model import LabeledTrunk, MonolithicClassifier, State, TrainResult, train_classifier
+from s3t_ops.classifier import LabeledTrunk, MonolithicClassifier, State, TrainResult, train_classifier
 from s3t_ops.trunk import TrunkCache, compute_trunk
 
 if TYPE_CHECKING:
@@ -73,6 +73,23 @@ class OriginalModel:
     state: State
     proxies: pd.DataFrame  # per id: confidence, max_confidence, neg_entropy, binary_accuracy, n_obs
     training: TrainResult
+
+
+def original_parts(original: OriginalModel) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
+    """An original model as its artifact keeps it (artifacts.save_original): state, proxies, the training's counts."""
+    t = original.training
+    return original.state, original.proxies, {"epoch_losses": t.epoch_losses, "steps": t.steps, "grad_example_steps": t.grad_example_steps,
+                                              "seconds": t.seconds, "seen_ids": sorted(t.seen_ids)}
+
+
+def original_from(parts: tuple[dict, pd.DataFrame, dict[str, Any]] | None) -> OriginalModel | None:
+    """The inverse of `original_parts` (None stays None: nothing cached)."""
+    if parts is None:
+        return None
+    state, proxies, info = parts
+    info = dict(info)
+    training = TrainResult(state=state, seen_ids=set(info.pop("seen_ids")), **info)
+    return OriginalModel(state, proxies, training)
 
 
 def train_original(clf: MonolithicClassifier, splits: Splits, mcfg: MemorizationConfig) -> OriginalModel:

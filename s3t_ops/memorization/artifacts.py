@@ -53,12 +53,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from s3t_ops.memorization.config import MemorizationConfig
-from s3t_ops.memorization.model import State, TrainResult
-from s3t_ops.memorization.workflow import OriginalModel
 from s3t_ops.storage import Storage, scratch_dir
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.figure import Figure
+
+State = dict[str, "torch.Tensor"]  # a model's tensors (what the artifacts hold; computing them is workflow.py's)
 
 ARTIFACT_TAG = "s3t.memorization_artifact"
 PREFIX = "memorization"
@@ -92,7 +93,8 @@ def complete(storage: Storage, name: str) -> bool:
 
 
 # --- writing one artifact ---------------------------------------------------------------------
-def _write_json(path: Path, data: Any, indent: int | None = 2) -> Path:
+def _stage_json(path: Path, data: Any, indent: int | None = 2) -> Path:
+    """A JSON file into an artifact's stage folder (plain: the artifact is committed whole, see the module's docstring)."""
     path.write_text(json.dumps(data, indent=indent, default=str))
     return path
 
@@ -152,7 +154,7 @@ class Writer:
             figure.savefig(self.stage / REPORT_PNG)
             png = self.location(REPORT_PNG)
         result = {**result, "json": self.report_json, "png": png}
-        _write_json(self.stage / REPORT_JSON, result)
+        _stage_json(self.stage / REPORT_JSON, result)
         return result
 
 
@@ -164,7 +166,7 @@ def writer(storage: Storage, name: str, ids: Iterable[str]) -> Iterator[Writer]:
     if not storage.local:
         stage = scratch_dir(storage, "memorization")
         try:
-            _write_json(stage / IDS, sorted(set(ids)), indent=None)
+            _stage_json(stage / IDS, sorted(set(ids)), indent=None)
             yield Writer(storage, name, stage)
             rel = f"{PREFIX}/{name}"
             _remove_objects(storage, storage.files(rel))
@@ -181,7 +183,7 @@ def writer(storage: Storage, name: str, ids: Iterable[str]) -> Iterator[Writer]:
     stage = folder.with_name(f"{WRITING}{folder.name}-{uuid.uuid4().hex[:8]}")
     stage.mkdir()
     try:
-        _write_json(stage / IDS, sorted(set(ids)), indent=None)
+        _stage_json(stage / IDS, sorted(set(ids)), indent=None)
         yield Writer(storage, name, stage)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -213,35 +215,32 @@ def _load_state(storage: Storage, name: str) -> State:
 
 
 # --- the artifacts ----------------------------------------------------------------------------
-def save_original(storage: Storage, train_ids: list[str], mcfg: MemorizationConfig, original: OriginalModel) -> str:
-    """model.safetensors + proxies.parquet + training.json; its ids are the training set. Returns its location."""
+def save_original(storage: Storage, train_ids: list[str], mcfg: MemorizationConfig, state: State, proxies: pd.DataFrame,
+                  training: dict[str, Any]) -> str:
+    """model.safetensors + proxies.parquet + training.json (the training's counts); its ids are the training set.
+    Returns its location."""
     name = original_name(train_ids, mcfg)
-    t = original.training
-    info = {"epoch_losses": t.epoch_losses, "steps": t.steps, "grad_example_steps": t.grad_example_steps, "seconds": t.seconds,
-            "seen_ids": sorted(t.seen_ids)}
     with writer(storage, name, train_ids) as w:
-        _save_state(w.stage / MODEL, original.state)
-        original.proxies.to_parquet(w.stage / "proxies.parquet")
-        _write_json(w.stage / "training.json", info, indent=None)
+        _save_state(w.stage / MODEL, state)
+        proxies.to_parquet(w.stage / "proxies.parquet")
+        _stage_json(w.stage / "training.json", training, indent=None)
     return location(storage, name)
 
 
-def load_original(storage: Storage, train_ids: list[str], mcfg: MemorizationConfig) -> OriginalModel | None:
-    """The cached original model of this config and training set, or None."""
+def load_original(storage: Storage, train_ids: list[str], mcfg: MemorizationConfig
+                  ) -> tuple[State, pd.DataFrame, dict[str, Any]] | None:
+    """The cached original model of this config and training set (state, proxies, training counts), or None."""
     name = original_name(train_ids, mcfg)
     if not _has(storage, name, "training.json"):
         return None
-    info = _read_json(storage, name, "training.json")
-    training = TrainResult(state={}, seen_ids=set(info.pop("seen_ids")), **info)
-    training.state = _load_state(storage, name)
-    return OriginalModel(training.state, _read_parquet(storage, name, "proxies.parquet"), training)
+    return _load_state(storage, name), _read_parquet(storage, name, "proxies.parquet"), _read_json(storage, name, "training.json")
 
 
 def save_scores(storage: Storage, table: pd.DataFrame, meta: dict[str, Any], ids: Iterable[str]) -> str:
     """scores.parquet (one row per training id) + scores.json (`meta`); returns the parquet's location."""
     with writer(storage, SCORES, ids) as w:
         table.to_parquet(w.stage / "scores.parquet")
-        _write_json(w.stage / "scores.json", meta)
+        _stage_json(w.stage / "scores.json", meta)
     return w.location("scores.parquet")
 
 
@@ -261,7 +260,7 @@ def save_unlearned(storage: Storage, state: State, info: dict[str, Any], ids: It
     """model.safetensors + unlearned.json (`info`); returns the model's location."""
     with writer(storage, UNLEARNED, ids) as w:
         path = w.save_model(state, metadata)
-        _write_json(w.stage / "unlearned.json", info)
+        _stage_json(w.stage / "unlearned.json", info)
     return path
 
 
@@ -350,3 +349,18 @@ def _erase_objects(storage: Storage, is_deleted: Callable[[str], bool]) -> Erase
         out.paths.append(location(storage, name))
         out.mlflow_tags.append(name)
     return out
+
+
+class ArtifactEraser:
+    """What erasure (s3t_ops/erasure.py) sees of the memorization artifacts: the engine gives it to every state."""
+
+    run_tag = ARTIFACT_TAG  # runs describing an artifact carry its name under this tag
+
+    def erase(self, storage: Storage, is_deleted: Callable[[str], bool]) -> list[str]:
+        return erase(storage, is_deleted).paths
+
+    def alive(self, storage: Storage, name: str) -> bool:
+        return complete(storage, name)
+
+
+ERASER = ArtifactEraser()

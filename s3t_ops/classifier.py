@@ -1,11 +1,10 @@
-"""The monolithic LoRA classifier and its one training loop: frozen trunk + LoRA on the top `depth` groups + head.
+"""The ordinary LoRA classifier and its training loop: frozen trunk + LoRA on the top `depth` groups + head.
 
-This is the "model not trained with S3T": one model on all the training data (docs/memorization.md,
-"## Memorization"). It reuses the engine's Backbone (peft adapters g1..gL, group 1 = top blocks) and
-trunk cache: the groups below `depth` stay untrained (identity), so the input of group `depth` is the
-cached frozen hidden state and training only runs the top blocks (as stages.py does). At depth L it is
-also the exact-unlearning baselines' ordinary LoRA model (baselines/full_lora.py), trained by the same
-`train_classifier`.
+It is the model not trained with S3T, shared by two users: memorization-based approximate unlearning (one model on
+all the training data, docs/memorization.md) and, at depth L, the exact-unlearning baselines' ordinary LoRA model
+(baselines/full_lora.py). It reuses the engine's Backbone (peft adapters g1..gL, group 1 = top blocks) and trunk
+cache: the groups below `depth` stay untrained (identity), so the input of group `depth` is the cached frozen hidden
+state and training only runs the top blocks. Its optimizer step is S3T's own (stages.gradient_step).
 
 A model is a plain state dict (`g{k}.<lora key>` for k = 1..depth, `head.weight`, `head.bias`); the
 Backbone is shared and mutable, so `MonolithicClassifier.load` must precede every use of a state.
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from s3t_ops.backbone import Backbone, adapter_name, new_head
-from s3t_ops.stages import depth_logits, epoch_order
+from s3t_ops.stages import depth_logits, epoch_order, gradient_step
 from s3t_ops.trunk import TrunkCache
 
 State = dict[str, torch.Tensor]
@@ -250,14 +249,11 @@ def train_classifier(
                     rows = data.rows(batch)
                     y = data.labels.index_select(0, rows)
                     logits = clf.forward(data, rows)
-                    loss = loss_fn(logits, y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    loss = gradient_step(opt, loss_fn, logits, y)
                     result.steps += 1
                     result.grad_example_steps += len(batch)
                     result.seen_ids.update(batch)
-                    total += float(loss.detach()) * len(batch)
+                    total += loss * len(batch)
                     if on_logits is not None:
                         on_logits(batch, logits.detach(), y)
                 epoch_loss = total / len(ids)
