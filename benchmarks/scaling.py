@@ -212,10 +212,16 @@ def flow(spec: dict) -> dict:
     runners.shutdown()
     timed("serve", lambda: in_process("serve"))
     engine = S3T.open(state, progress=False, repair=False)
+    # checkpoint keys hash keyed slice versions (a secret per state folder), so two states name the same training
+    # differently: compare them by lineage position, (shard, sequence prefix, stage) -> sha256 of the file
+    rows = engine.checkpoint_rows()
+    where = {k: f"{r['shard']}/{r['prefix']}/{r['stage']}" for k, r in rows.items()}
+    record = engine.served()[1]
     return {
         "phases": phases, "steps": steps, "runs": runs, "victims": victims, "coordinator_pid": os.getpid(),
-        "checkpoints": {k: hashlib.sha256(engine.checkpoints.path(k).read_bytes()).hexdigest() for k in engine.checkpoint_rows()},
-        "served_plan": engine.served()[1], "missing_after": len(engine.missing_stages()),
+        "checkpoints": {where[k]: hashlib.sha256(engine.checkpoints.path(k).read_bytes()).hexdigest() for k in rows},
+        "served_plan": {"plan": record["plan"], "checkpoints": {s: [where[k] for k in keys] for s, keys in record["checkpoints"].items()}},
+        "missing_after": len(engine.missing_stages()),
     }
 
 

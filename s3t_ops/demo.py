@@ -65,7 +65,8 @@ def run_demo(cfg: S3TConfig, deletions: int = 4, source: str | None = None, say:
         f = engine.forget([victim])
         acc = engine.evaluate("test") if f.plan.choices else float("nan")
         depths = _depths(f.plan, cfg.shards)
-        rows.append({"deletions": i, "tombstone": engine.ledger.tombstone(victim), "dirty": f.dirty,  # never the plain id "test_accuracy": acc, "depths": depths,
+        rows.append({"deletions": i, "tombstone": engine.ledger.tombstone(victim),  # the keyed id, never the plain one
+                     "dirty": f.dirty, "test_accuracy": acc, "depths": depths,
                      "mean_depth": sum(depths.values()) / cfg.shards, "honour_s": f.honour_seconds,
                      "champion_moved_s": f.honour_seconds + f.publish_seconds, "model_version": f.model_version,
                      "erase_s": f.erase_seconds, "purged_checkpoints": f.purged_checkpoints, "grad_example_steps": f.grad_example_steps})

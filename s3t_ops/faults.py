@@ -39,6 +39,16 @@ POINTS = {
 }
 
 _hits: dict[str, int] = {}
+_machine: list[int] = []  # the pids a crash takes down with this one: a worker's parent (the whole command)
+
+
+def as_worker_of(parent_pid: int) -> None:
+    """Called in a pool worker: a crash point reached here kills the command that started the pool too.
+
+    A crash point models the machine going down, not one worker dying (which the parent reports as an error),
+    so a crash test sees the same thing whether the stage trained in a worker or in the command itself.
+    """
+    _machine[:] = [parent_pid]
 
 
 def _parse(var: str) -> tuple[str, str] | None:
@@ -57,6 +67,8 @@ def crash_point(name: str) -> None:
     if crash and crash[0] == name:
         _hits[name] = _hits.get(name, 0) + 1
         if _hits[name] >= int(crash[1] or 1):
+            for pid in _machine:
+                os.kill(pid, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
     pause = _parse("S3T_PAUSE_AT")
     if pause and pause[0] == name and pause[1]:

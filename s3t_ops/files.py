@@ -48,13 +48,19 @@ def write_json(path: Path, data: Any) -> Path:
 
 
 def alive(pid: int) -> bool:
+    """Whether process `pid` may still write: a zombie (dead, not yet reaped, as a killed pool worker is for a
+    moment once its parent died too) writes nothing more."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): signal 0 is all we know
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def remove_temporaries(root: Path | None) -> list[Path]:

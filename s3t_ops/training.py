@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 
 from s3t_ops.checkpoints import IntegrityError, root_key, stage_key, stage_seed
 from s3t_ops.datafiles import slice_file, trunk_file
-from s3t_ops.faults import crash_point
+from s3t_ops.faults import as_worker_of, crash_point
 from s3t_ops.ledger import now
 from s3t_ops.policy import select_chains
 from s3t_ops.state import StaleStage, State, StateError
@@ -288,12 +290,27 @@ def one_thread():
 _STATE: State | None = None  # a worker's own opening of the state
 
 
-def _init(state_dir: str, tags: dict[str, str]) -> None:
+def _die_with(parent: int) -> None:
+    """A worker dies with the command that started it (Linux): an orphan finishing its stage after a crash would write
+    into a state the next command is already repairing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init(state_dir: str, tags: dict[str, str], parent: int) -> None:
     import torch
 
     from s3t_ops.opening import open_state
 
     torch.set_num_threads(1)
+    _die_with(parent)
+    as_worker_of(parent)
     global _STATE
     _STATE = open_state(state_dir, progress=False)
     _STATE.tags = dict(tags)  # the run's tags (e.g. the Dagster run id) on the stage runs it logs
@@ -324,7 +341,7 @@ def pool(state: State, workers: int) -> ProcessPoolExecutor:
     import multiprocessing
 
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
-                               initargs=(str(state.root), dict(state.tags)))
+                               initargs=(str(state.root), dict(state.tags), os.getpid()))
 
 
 def run_waves(state: State, todo: Sequence[StageSpec], workers: int, progress: Callable[[int], None] | None = None

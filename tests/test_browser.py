@@ -101,7 +101,8 @@ class Dagster:
 
         self._until(probe, timeout, f"run {run_id} to succeed")
 
-    def wait_backfill(self, backfill_id: str, timeout: float = BACKFILL_S) -> None:
+    def wait_backfill(self, backfill_id: str, timeout: float = BACKFILL_S) -> list[dict]:
+        """Until the backfill completes; its runs (id, status), for the record."""
         q = "query($id: String!) { partitionBackfillOrError(backfillId: $id) { __typename ... on PartitionBackfill { status } } }"
 
         def probe():
@@ -111,6 +112,9 @@ class Dagster:
             return status in ("COMPLETED_SUCCESS", "COMPLETED"), status
 
         self._until(probe, timeout, f"backfill {backfill_id} ('Materialize all') to complete", poll=5)
+        runs = ("query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill "
+                "{ runs { id status } } } }")
+        return self.gql(runs, id=backfill_id)["partitionBackfillOrError"]["runs"]
 
     def latest_backfill(self) -> str:
         q = "{ partitionBackfillsOrError(limit: 1) { ... on PartitionBackfills { results { id } } } }"
@@ -179,6 +183,7 @@ def test_the_readme_dagster_section_verbatim_in_a_browser(chromium, tmp_path, ca
     for old in ARTIFACTS.glob("*.png"):  # screenshots of an earlier run would mislead
         old.unlink()
     shots: list[str] = []
+    timings: dict = {}  # what the user waited for, written beside the screenshots (timings.json)
     D, M = f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}"
     graph = (D + "/asset-groups~" + urllib.parse.quote('code_location:"s3t"') + "/?expanded="
              + urllib.parse.quote(",".join(f"global@global:{g}" for g in ("data", "stages", "serving"))))  # memorization stays collapsed: the cards keep their full size
@@ -227,19 +232,22 @@ def test_the_readme_dagster_section_verbatim_in_a_browser(chromium, tmp_path, ca
                 def checks_icon(asset: str):
                     return card(asset).locator(f"a[href='/assets/{asset}?view=checks'] [role=img]")
 
-                def materialize_all() -> None:
+                def materialize_all(name: str) -> None:
                     open_graph()
                     page.get_by_role("button", name=re.compile(r"Materialize all")).click()  # its name starts with its icon's label
                     dialog = page.get_by_role("dialog")
                     expect(dialog).to_contain_text("materialize 5 assets")  # the S3T assets, never the memorization ones
                     expect(dialog).not_to_contain_text("Error loading")
                     dialog.get_by_role("button", name="Launch backfill").click()
+                    t0 = time.time()
                     try:
                         toast = page.get_by_text(re.compile(r"Created backfill \w+")).first
                         backfill = re.search(r"Created backfill (\w+)", toast.inner_text(timeout=30_000)).group(1)
                     except Exception:  # the toast is transient; the newest backfill is the one just launched
                         backfill = dagster.latest_backfill()
-                    dagster.wait_backfill(backfill)
+                    runs = dagster.wait_backfill(backfill)
+                    timings[name] = {"wall_seconds": round(time.time() - t0, 1), "runs": len(runs),
+                                     "failed_runs": sum(r["status"] != "SUCCESS" for r in runs)}
                     page.goto(f"{D}/runs/b/{backfill}")
                     expect(page.get_by_text("Succeeded", exact=True).first).to_be_visible()
 
@@ -268,7 +276,7 @@ def test_the_readme_dagster_section_verbatim_in_a_browser(chromium, tmp_path, ca
                     # -- 1. the first run: "Materialize all" on a fresh folder (the MLflow UI already made $S3T_STATE)
                     open_graph()
                     shot("01-asset-graph-before-the-first-run")
-                    materialize_all()
+                    materialize_all("first_materialize_all")
                     all_green("02-asset-graph-after-materialize-all")
 
                     # -- 2. forget one training example from the forget job's Launchpad
@@ -283,7 +291,11 @@ def test_the_readme_dagster_section_verbatim_in_a_browser(chromium, tmp_path, ca
                     page.keyboard.insert_text(f'ops:\n  forget_examples:\n    config:\n      ids: ["{v_id}"]\n')
                     expect(page.get_by_text("No errors", exact=True)).to_be_visible()
                     page.get_by_role("button", name="Launch Run").click()
+                    t0 = time.time()
                     page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=UI_MS)
+                    while _alias_version(state) in (version_before, None) and time.time() - t0 < RUN_S:
+                        time.sleep(0.1)
+                    timings["forget_launch_to_champion_seconds"] = round(time.time() - t0, 1)
                     forget_run = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
                     dagster.wait_run(forget_run)
                     expect(page.get_by_text("RUN_SUCCESS", exact=True)).to_be_visible()
@@ -308,7 +320,7 @@ def test_the_readme_dagster_section_verbatim_in_a_browser(chromium, tmp_path, ca
 
                     # -- 4. retrain: "Materialize all" again; only the stale stages train; checks pass; a new champion
                     version_forgotten = _champion_version(state)
-                    materialize_all()
+                    materialize_all("retraining_materialize_all")
                     all_green("06-asset-graph-after-retraining")
                     engine = S3T.open(state, progress=False, repair=False)
                     assert engine.missing_stages() == [] and engine.ledger.deletions()["retrained_at"].notna().all()
@@ -338,6 +350,7 @@ def test_the_readme_dagster_section_verbatim_in_a_browser(chromium, tmp_path, ca
             finally:
                 browser.close()
     finally:
+        (ARTIFACTS / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         os.killpg(shell.pid, signal.SIGTERM)  # the README's servers: the shell's process group
         try:
             shell.wait(timeout=30)
@@ -347,6 +360,21 @@ def test_the_readme_dagster_section_verbatim_in_a_browser(chromium, tmp_path, ca
         out.close()
         with capsys.disabled():
             print(f"\nbrowser screenshots ({len(shots)}): {ARTIFACTS}/ and {shots_tmp}/: {', '.join(shots)}")
+
+
+def _alias_version(state: Path) -> int | None:
+    """The champion's version straight from the MLflow store's table (a cheap poll; 0 when there is none yet, None
+    when the store is busy)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{state / 'mlflow.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        row = con.execute("SELECT version FROM registered_model_aliases WHERE alias = 'champion'").fetchone()
+    except sqlite3.OperationalError:  # locked
+        return None
+    finally:
+        con.close()
+    return int(row[0]) if row else 0
 
 
 def _champion_version(state: Path) -> int:

@@ -119,7 +119,7 @@ def test_dask_executor_train_forget_retrain_equals_multiprocess_bitwise(flows):
     """Two Dask worker processes train, forget and retrain; every checkpoint file is byte-identical to the
     multiprocess executor's, and the steps ran on both workers, never in the coordinator."""
     dask, mp = flows["dask"], flows["multiprocess"]
-    assert dask["checkpoints"] and dask["checkpoints"] == mp["checkpoints"]  # same keys, same bytes (sha256 of each file)
+    assert dask["checkpoints"] and dask["checkpoints"] == mp["checkpoints"]  # same lineage positions, same bytes (sha256 of each file)
     assert dask["served_plan"] == mp["served_plan"] and dask["missing_after"] == mp["missing_after"] == 0
     assert dask["victims"] == mp["victims"] and len(dask["victims"]) == 1
     stage_steps = [s for s in dask["steps"] if s["step"].startswith("stage_")]

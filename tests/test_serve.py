@@ -236,3 +236,47 @@ def test_sigterm_drains_and_a_restart_after_sigkill_serves_the_ledgers_plan(stat
         assert server.post("/invocations", {"instances": TEXTS})[1]["plan_id"] == latest
     finally:
         server.stop()
+
+
+def test_the_readmes_serve_commands_work_as_written(state, tmp_path):
+    """The README's `s3t serve` block, pasted into a shell: the server starts, answers the curl with predictions and
+    a plan id, and the curl to /forget with the state's token honours the request under a newer plan."""
+    import re
+    import shutil
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(\.venv/bin/s3t serve .*?)```", readme, re.S).group(1)
+    port = free_port()
+    engine = S3T.open(state, progress=False)
+    victim = engine.examples("train")["id"].iloc[0]
+    before = engine.served()[0]
+    script = (block.replace("s3t_state", str(state)).replace("5001", str(port))
+              .replace("<id or exact text>", victim))
+    assert "s3t_state" not in script and script.count(str(port)) >= 4, script  # the README and this test in step
+    log = tmp_path / "shell.out"
+    with open(log, "w") as sink:
+        shell = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=cli_env(), stdout=sink, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        shell.wait(timeout=300)  # the shell ends after the last curl; the server stays up in its group
+    finally:
+        os.killpg(shell.pid, signal.SIGTERM)  # the README's server: the shell's process group
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                os.killpg(shell.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.killpg(shell.pid, signal.SIGKILL)
+    out = log.read_text()
+    answers = [json.loads(line) for line in re.findall(r"^\{.*\}$", out.replace("}{", "}\n{"), re.M)]
+    assert len(answers) == 2, out
+    predictions, forgot = answers
+    assert predictions["plan_id"] == before and len(predictions["predictions"]) == 2
+    row = predictions["predictions"][0]
+    assert "label" in row and set(row) == {"label", *(f"prob_{n}" for n in engine.label_names)}, row
+    assert forgot["plan_id"] > before and forgot["new"] == 1
+    assert S3T.open(state, progress=False).ledger.is_deleted(victim)
+    assert shutil.which("curl")

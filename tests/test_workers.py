@@ -3,6 +3,7 @@ release before it trained; device selection refuses a GPU that is not there with
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,24 @@ def test_cuda_asked_for_and_absent_is_one_line_exit_2(tmp_path, tiny_backbone_di
     assert not (tmp_path / "s").exists()
     with pytest.raises(ConfigError, match="device: must be one of auto, cpu, cuda"):
         S3TConfig(device="tpu")
+
+
+def test_a_dead_unreaped_writer_is_not_alive():
+    """A pool worker killed with its command is a zombie until someone reaps it: its temporaries are a dead writer's
+    (repair removes them), not a live one's."""
+    import subprocess
+    import sys
+    import time
+
+    from s3t_ops.files import alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not alive(child.pid)  # exited, not reaped
+    finally:
+        child.wait(timeout=30)
+    assert alive(__import__("os").getpid())

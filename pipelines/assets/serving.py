@@ -22,7 +22,9 @@ def build_serving_asset(L: int) -> dg.AssetsDefinition:
               automation_condition=dg.AutomationCondition.eager(),
               description="Serving plan: per shard, the longest stage prefix whose checkpoints never saw a deleted example "
                           "(metadata `served`: the depth each shard serves); a new MLflow model version (alias champion) "
-                          "when it changes. A forget moves it in its own run; this asset records it and its checks.")
+                          "when it changes. A forget moves it in its own run; this asset records it and its checks. Serving "
+                          "follows the plan without this asset: `s3t serve --state $S3T_STATE` reads the plan pointer a "
+                          "forget replaces inside its honour, per request; a model loaded once from the registry does not.")
     def s3t_ensemble(context: dg.AssetExecutionContext, s3t: S3TResource) -> dg.MaterializeResult:
         t0 = time.perf_counter()
         engine = s3t.engine(load_backbone=False, run_id=context.run_id)
@@ -43,7 +45,10 @@ def build_serving_asset(L: int) -> dg.AssetsDefinition:
                       "served_depth_per_shard": dg.MetadataValue.md(_depth_table(engine.cfg.shards, plan, engine.cfg.slices)),
                       "stale_stage_partitions": dg.MetadataValue.json(stale),
                       "stages_awaiting_retraining": len(engine.missing_stages()),
-                      "engine_seconds": time.perf_counter() - t0},
+                      "engine_seconds": time.perf_counter() - t0,
+                      "serving": ("`s3t serve` answers with this plan from the moment the forget that made it returned "
+                                  "(it reads the ledger's plan pointer per request); a pyfunc loaded from the registry's "
+                                  "champion keeps the version it loaded."),},
         )
 
     return s3t_ensemble
