@@ -54,7 +54,8 @@ def test_all_benchmarks_quick_write_json_and_png(tmp_path, toy_source, tiny_back
 
 
 @pytest.mark.parametrize("name", ["deletion_rate", "deletion_workload", "accuracy_zero", "training", "serving", "headline",
-                                  "stage_ablation", "honour_latency", "prefix_depth", "run_all"])
+                                  "stage_ablation", "honour_latency", "prefix_depth", "run_all", "workers",
+                                  "serving_load", "gpu_check", "scaling"])
 def test_help_is_truthful(name):
     out = subprocess.run([sys.executable, f"benchmarks/{name}.py", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--out" in out
@@ -118,6 +119,27 @@ def test_prefix_depth_quick_measures_every_depth_and_keeps_no_state(tmp_path, to
         assert sy["grad_example_steps"] > 0
     assert json.loads((out / "prefix_depth.json").read_text())["n_eval"] == res["n_eval"] > 0
     assert (out / "prefix_depth.png").stat().st_size > 5_000 and not (out / "state-prefix_depth").exists()
+
+
+def test_workers_quick_compares_one_worker_with_two_and_keeps_no_state(tmp_path, toy_source, tiny_backbone_dir):
+    """The measured runs are real `s3t train` processes; their checkpoints are compared by lineage position."""
+    from benchmarks import workers
+
+    out = tmp_path / "w"
+    res = workers.main(["--out", str(out), "--quick", "--quiet", "--workers", "2", "--source", str(toy_source),
+                        "--backbone", str(tiny_backbone_dir)])
+    assert [r["workers"] for r in res["train"]] == [1, 2]
+    assert res["train"][0]["checkpoints"] == res["train"][1]["checkpoints"] == 2 * 2 * 2  # m * B * L
+    assert res["checkpoints_identical"] is True and res["speedup"] > 0 and res["demo"] is None
+    assert json.loads((out / "workers.json").read_text())["checkpoints_identical"] is True
+    assert (out / "workers.png").stat().st_size > 5_000 and not (out / "state-workers").exists()
+
+
+def test_workers_rejects_one_worker_before_any_training(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/workers.py", "--out", str(tmp_path), "--workers", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--workers must be at least 2" in proc.stderr
+    assert not (tmp_path / "state-workers").exists()
 
 
 def test_sisa_at_depth_is_a_copy_at_that_depth(tmp_path, toy_source, tiny_backbone_dir):
