@@ -12,7 +12,11 @@ restarts it. This server is the live door instead:
 - concurrent requests are micro-batched: one inference thread takes what is queued (up to `max_batch_rows`), groups
   it by plan, and runs one frozen-trunk pass per group, each live shard's groups on top (ensemble.py);
 - `/forget` (a bearer token, created with the state) is the engine's one forget call: it answers as soon as the
-  honour committed, with the plan id, while publishing and erasure go on in its thread.
+  honour committed, with the plan id, while publishing and erasure go on in its thread. That thread first waits
+  (at most `PUBLISH_AFTER_S`) until the inference thread has answered with the new plan or has nothing to do:
+  publishing (MLflow's log_model, about a second of Python) shares this process's GIL with inference, and
+  started at once it tripled the time to the first answer on the new plan (BENCHMARKS.md, "Serving while
+  deletions arrive"). Serve first, then tell the registry.
 
 Endpoints (as `mlflow models serve`): GET /ping, /health, /version; POST /invocations with JSON `dataframe_split`,
 `dataframe_records`, `instances` or `inputs`, or CSV (`text/csv`), a `text` column; answers `{"predictions": [{label,
@@ -50,6 +54,7 @@ log = logging.getLogger("s3t.serve")
 MAX_BODY_BYTES = 1 << 20
 MAX_ROWS = 1024
 MAX_BATCH_ROWS = 256
+PUBLISH_AFTER_S = 2.0  # the most a /forget's publishing waits for the first answer on the new plan
 
 
 class BadInput(ValueError):
@@ -199,12 +204,22 @@ class Batcher:
         self.plans, self.backbone, self.num_labels, self.max_rows = plans, backbone, num_labels, max_rows
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.batches = self.batched_jobs = 0
+        self.served_plan = 0  # the highest plan id an answer was computed with
+        self.busy = False  # a batch is being computed
+        self._progress = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="s3t-inference", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> Job:
         self.queue.put(job)
         return job
+
+    def wait_served(self, plan_id: int, timeout: float) -> bool:
+        """Until an answer was computed with plan `plan_id` (or a later one), or nothing is queued or computing, or
+        `timeout` seconds passed; True unless it timed out."""
+        with self._progress:
+            return self._progress.wait_for(
+                lambda: self.served_plan >= plan_id or (not self.busy and self.queue.empty()), timeout=timeout)
 
     def stop(self) -> None:
         """After every job queued before it (a graceful stop drains)."""
@@ -216,9 +231,14 @@ class Batcher:
 
         torch.set_grad_enabled(False)
         while True:
+            with self._progress:
+                self.busy = False
+                self._progress.notify_all()
             first = self.queue.get()
             if first is None:
                 return
+            with self._progress:
+                self.busy = True
             jobs, rows = [first], len(first.texts)
             while rows < self.max_rows:
                 try:
@@ -235,8 +255,11 @@ class Batcher:
             by_plan: dict[int, list[Job]] = {}
             for job in jobs:
                 by_plan.setdefault(job.plan_id, []).append(job)
-            for group in by_plan.values():
+            for plan_id, group in sorted(by_plan.items(), reverse=True):  # the newest plan first
                 self._infer(group)
+                with self._progress:
+                    self.served_plan = max(self.served_plan, plan_id)
+                    self._progress.notify_all()
 
     def _infer(self, group: list[Job]) -> None:
         from s3t_ops.ensemble import Ensemble
@@ -361,6 +384,7 @@ def build_app(engine, config: ServerConfig | None = None):
 
             def honoured(receipt) -> None:
                 loop.call_soon_threadsafe(answer.set_result, receipt)
+                batcher.wait_served(receipt.plan_id, PUBLISH_AFTER_S)  # serve first, then publish (module docstring)
 
             try:  # forgets in this server's threads queue on the ledger's lock, as those of other processes do
                 t0 = time.perf_counter()

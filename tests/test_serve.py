@@ -280,3 +280,33 @@ def test_the_readmes_serve_commands_work_as_written(state, tmp_path):
     assert forgot["plan_id"] > before and forgot["new"] == 1
     assert S3T.open(state, progress=False).ledger.is_deleted(victim)
     assert shutil.which("curl")
+
+
+def test_a_forgets_publishing_waits_for_the_first_answer_on_the_new_plan_or_an_idle_server():
+    """Serve first, then publish (server.py): the wait ends when an answer used the new plan, at once when nothing
+    is queued or computing, and after the timeout otherwise."""
+    from s3t_ops.server import Batcher
+
+    batcher = Batcher(plans=None, backbone=None, num_labels=3)
+    try:
+        t0 = time.perf_counter()
+        assert batcher.wait_served(7, timeout=5)  # idle: nothing to wait for
+        assert time.perf_counter() - t0 < 1
+        with batcher._progress:
+            batcher.busy = True  # computing a batch of an older plan
+        assert not batcher.wait_served(7, timeout=0.2)
+
+        def answer_on(plan_id: int) -> None:
+            time.sleep(0.2)
+            with batcher._progress:
+                batcher.served_plan = plan_id
+                batcher._progress.notify_all()
+
+        threading.Thread(target=answer_on, args=(6,)).start()
+        assert not batcher.wait_served(7, timeout=0.6)  # an answer on an older plan does not end the wait
+        threading.Thread(target=answer_on, args=(7,)).start()
+        assert batcher.wait_served(7, timeout=5)
+    finally:
+        with batcher._progress:
+            batcher.busy = False
+        batcher.stop()
