@@ -193,7 +193,7 @@ class DagsterDev:
     def __init__(self, home: Path, env: dict[str, str], start_timeout: float = 300):
         import socket
 
-        self.home = Path(home)
+        self.home = Path(home).resolve()  # Dagster refuses a relative DAGSTER_HOME (and --out is usually relative)
         self.home.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / "pipelines" / "dagster.yaml", self.home / "dagster.yaml")
         with socket.socket() as s:

@@ -88,7 +88,7 @@ def ui_door(args, state: Path, victims: list[str], home: Path) -> list[dict]:
     from s3t_ops.tracker import Tracker, default_tracking_uri
 
     rows = []
-    with DagsterDev(home, _env(S3T_STATE=str(state))) as dev:
+    with DagsterDev(home, _env(S3T_STATE=str(Path(state).resolve()))) as dev:
         gql = DagsterGraphQLClient("127.0.0.1", port_number=dev.port)
         tracker = Tracker(default_tracking_uri(state))
         for i, victim in enumerate(victims, 1):

@@ -61,6 +61,7 @@ def cli(args, root: Path, cfg: dict) -> dict:
 
 
 def dagster(args, root: Path, cfg: dict) -> dict:
+    root = root.resolve()  # the servers' environment must not depend on their working directory
     (root / "cfg.json").write_text(json.dumps(cfg))
     env = _env(S3T_STATE=str(root / "dagster"), S3T_CONFIG=str(root / "cfg.json"),
                **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))

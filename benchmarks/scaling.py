@@ -216,11 +216,11 @@ def flow(spec: dict) -> dict:
     # differently: compare them by lineage position, (shard, sequence prefix, stage) -> sha256 of the file
     rows = engine.checkpoint_rows()
     where = {k: f"{r['shard']}/{r['prefix']}/{r['stage']}" for k, r in rows.items()}
-    record = engine.served()[1]
+    served = engine.served()[1]
     return {
         "phases": phases, "steps": steps, "runs": runs, "victims": victims, "coordinator_pid": os.getpid(),
         "checkpoints": {where[k]: hashlib.sha256(engine.checkpoints.path(k).read_bytes()).hexdigest() for k in rows},
-        "served_plan": {"plan": record["plan"], "checkpoints": {s: [where[k] for k in keys] for s, keys in record["checkpoints"].items()}},
+        "served_plan": {"plan": served["plan"], "checkpoints": {s: [where[k] for k in keys] for s, keys in served["checkpoints"].items()}},
         "missing_after": len(engine.missing_stages()),
     }
 

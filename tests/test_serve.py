@@ -310,3 +310,32 @@ def test_a_forgets_publishing_waits_for_the_first_answer_on_the_new_plan_or_an_i
         with batcher._progress:
             batcher.busy = False
         batcher.stop()
+
+
+def test_a_retraining_that_lands_while_serving_is_served_with_its_new_checkpoints(state, tmp_path):
+    """After a forget, `s3t train` (another process) retrains the stale stages and records a new plan; the running
+    server answers the next request with that plan, loading the retrained checkpoints it never held, and its answers
+    equal the engine's at that plan."""
+    engine = S3T.open(state, progress=False)
+    victim = engine.examples("train").sort_values("id")["id"].iloc[0]
+    server = Server(state, tmp_path / "serve.log")
+    try:
+        held = json.loads(server.get("/plan")[1])["checkpoints_in_memory"]
+        token = (state / "server.token").read_text().strip()
+        status, out = server.post("/forget", {"ids": [victim]}, headers={"Authorization": f"Bearer {token}"})
+        assert status == 200 and out["new"] == 1
+        r = run_cli(["train", "--state", str(state), "--quiet"])
+        assert r.returncode == 0, r.stderr
+        engine = S3T.open(state, progress=False)
+        plan_id = engine.served()[0]
+        assert plan_id > out["plan_id"] and not engine.missing_stages()
+        labels, probs = engine.ensemble().predict(TEXTS)
+        status, answer = server.post("/invocations", {"instances": TEXTS})
+        assert status == 200 and answer["plan_id"] == plan_id
+        names = engine.label_names
+        assert [row["label"] for row in answer["predictions"]] == [names[y] for y in labels.tolist()]
+        for row, p in zip(answer["predictions"], probs.tolist()):
+            assert [row[f"prob_{n}"] for n in names] == pytest.approx(p, abs=1e-6)
+        assert json.loads(server.get("/plan")[1])["checkpoints_in_memory"] > held  # the retrained ones, loaded on demand
+    finally:
+        server.stop()
