@@ -82,6 +82,37 @@ def run_times(port: int, run_id: str) -> dict:
         return json.loads(resp.read())["data"]["runOrError"]
 
 
+def run_split(home: Path, run_id: str, t_submit: float, moved: float) -> dict:
+    """Where a UI forget's time goes, from the run's event log (seconds): waiting in the queue, the daemon launching
+    the run process until it starts (imports, loading the code location), the run's own setup until the step starts,
+    then inside the step opening the state (imports of the engine and MLflow, repair check) and the engine's honour
+    and publish (the op's output metadata)."""
+    import dagster as dg
+    from dagster import DagsterEventType as E
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.all_logs(run_id)
+    first: dict[str, float] = {}
+    meta: dict[str, float] = {}
+    for rec in records:
+        ev = rec.dagster_event
+        if ev is None:
+            continue
+        first.setdefault(ev.event_type.name, rec.timestamp)
+        if ev.event_type == E.STEP_OUTPUT:
+            for key, value in (ev.event_specific_data.metadata or {}).items():
+                if key in ("honour_ms", "champion_moved_ms"):
+                    meta[key] = float(getattr(value, "value", value))
+    dequeued = first.get("RUN_DEQUEUED", first.get("RUN_STARTING"))
+    start, step = first.get("RUN_START"), first.get("STEP_START")
+    if None in (dequeued, start, step) or "champion_moved_ms" not in meta:
+        return {}
+    engine_s = meta["champion_moved_ms"] / 1000
+    return {"queue_s": dequeued - t_submit, "process_start_s": start - dequeued, "run_setup_s": step - start,
+            "open_state_s": moved - (step - t_submit) - engine_s, "honour_s": meta["honour_ms"] / 1000,
+            "publish_s": engine_s - meta["honour_ms"] / 1000}
+
+
 def ui_door(args, state: Path, victims: list[str], home: Path) -> list[dict]:
     from dagster_graphql import DagsterGraphQLClient
 
@@ -113,10 +144,12 @@ def ui_door(args, state: Path, victims: list[str], home: Path) -> list[dict]:
             times = run_times(dev.port, run_id)
             # before the run starts: the queue, the daemon launching a process, that process importing the code location
             rows.append({"request": i, "champion_moved_s": moved, "run_id": run_id, "until_run_start_s": times["startTime"] - t_submit,
-                         "run_start_to_champion_s": moved - (times["startTime"] - t_submit), "run_s": times["endTime"] - times["startTime"]})
+                         "run_start_to_champion_s": moved - (times["startTime"] - t_submit), "run_s": times["endTime"] - times["startTime"],
+                         "split": run_split(dev.home, run_id, t_submit, moved)})
             if not args.quiet:
+                split = ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in rows[-1]["split"].items())
                 print(f"UI request {i}: champion moved {moved:.2f}s after submission (run started after "
-                      f"{rows[-1]['until_run_start_s']:.2f}s)", flush=True)
+                      f"{rows[-1]['until_run_start_s']:.2f}s; {split})", flush=True)
     return rows
 
 
@@ -207,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     if result.get("ui"):
         for k in ("until_run_start_s", "run_start_to_champion_s", "run_s"):
             result["summary"]["ui"][f"{k}_p50"] = float(np.median([r[k] for r in result["ui"]]))
+        splits = [r["split"] for r in result["ui"] if r["split"]]
+        for k in (splits[0] if splits else {}):
+            result["summary"]["ui"][f"split_{k}_p50"] = float(np.median([sp[k] for sp in splits]))
     png = out / f"{NAME}.png"
     plot(result, png)
     result["png"] = str(png)
