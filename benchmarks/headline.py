@@ -169,15 +169,17 @@ class Seed:
         eng = self.engine(variant if view is None else view, stage_model=STAGE_MODEL[variant])
         return S3TSystem(eng, 0, name=LABELS[variant])
 
-    def sisa_replicas(self):
+    def sisa_replicas(self, count: int | None = None):
         """SISA x B replicas, fitted once and kept on disk (replica 0 is classic SISA); a fresh copy per call,
-        with the fit's cost: the whole and per replica."""
+        with the fit's cost: the whole and per replica. `count=1`: classic SISA alone (when sisa_eq is not asked
+        for), the same bytes as replica 0 of the B."""
         import torch
 
         from s3t_ops.baselines import SISAReplicas
 
-        path = self.root / "sisa_eq.pt"
-        system = SISAReplicas(self.data, self.args.slices, name=LABELS["sisa_eq"])
+        count = count or self.args.slices
+        path = self.root / ("sisa_eq.pt" if count == self.args.slices else f"sisa_x{count}.pt")
+        system = SISAReplicas(self.data, count, name=LABELS["sisa_eq"])
         if path.is_file():
             saved = torch.load(path, weights_only=False)
             for rep, kept in zip(system.replicas, saved["replicas"]):
@@ -253,14 +255,15 @@ def run_uniform(s: Seed) -> None:
         s.say(f"{variant}: acc@0 {out['main']['curve'][0]['accuracy']:.4f}, capacity {out['main']['capacity']}")
         s.save()
     if {"sisa", "sisa_eq"} & set(args.systems) - set(systems):
-        replicas, fit = s.sisa_replicas()
+        replicas, fit = s.sisa_replicas(None if "sisa_eq" in args.systems else 1)
         if "sisa_eq" in args.systems and "sisa_eq" not in systems:
             out = lifetime(replicas.clone(), victims, args.max_deletions, args.quiet, "SISA x B deletions")
             systems["sisa_eq"] = {"fit": fit, **out["main"]}
         if "sisa" in args.systems and "sisa" not in systems:
             classic = replicas.replicas[0].clone(retrain=False, name=LABELS["sisa"])
             out = lifetime(classic, victims, args.max_deletions, args.quiet, "SISA deletions")
-            systems["sisa"] = {"fit": {**fit["per_replica"][0], "shared_with": "sisa_eq (its replica 0)"}, **out["main"]}
+            shared = {"shared_with": "sisa_eq (its replica 0)"} if "sisa_eq" in args.systems else {}
+            systems["sisa"] = {"fit": {**fit["per_replica"][0], **shared}, **out["main"]}
             s.say(f"SISA: acc@0 {systems['sisa']['curve'][0]['accuracy']:.4f}, capacity {systems['sisa']['capacity']}; "
                   f"x{args.slices}: acc@0 {systems.get('sisa_eq', {}).get('curve', [{}])[0].get('accuracy')}")
         s.save()
