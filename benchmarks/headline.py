@@ -186,7 +186,7 @@ class Seed:
                 rep.ckpts, rep.depth = [list(c) for c in kept["ckpts"]], list(kept["depth"])
             return system, saved["fit"]
         per = []
-        with bar(None, f"fit SISA x{self.args.slices}", self.args.quiet, unit="ex") as pb:
+        with bar(None, f"fit SISA x{count}", self.args.quiet, unit="ex") as pb:
             for rep in system.replicas:
                 rep.on_batch = pb.update
                 per.append(rep.fit().to_dict())
