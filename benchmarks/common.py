@@ -144,6 +144,20 @@ def write_json(out: Path, name: str, data: dict[str, Any]) -> Path:
     return write_text(out / f"{name}.json", json.dumps(_clean(data), indent=2, default=str))
 
 
+def lineage_positions(engine) -> dict[str, str]:
+    """checkpoint key -> its lineage position "shard/sequence prefix/stage". Keys hash keyed slice versions (a secret
+    per state folder), so two states name the same training differently; positions compare them."""
+    return {k: f"{r['shard']}/{r['prefix']}/{r['stage']}" for k, r in engine.checkpoint_rows().items()}
+
+
+def lineage_checksums(engine) -> dict[str, str]:
+    """lineage position -> sha256 of the checkpoint file: what "the same bytes" means across two state folders."""
+    import hashlib
+
+    return {pos: hashlib.sha256(engine.checkpoints.path(k).read_bytes()).hexdigest()
+            for k, pos in lineage_positions(engine).items()}
+
+
 def val_test_logits(system) -> list:
     """Per-shard logits on val and test together (more examples, smaller error bars), in shard order."""
     import torch

@@ -24,7 +24,6 @@ Writes <out>/scaling.json and <out>/scaling.png.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -39,7 +38,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, base_parser, fresh_dir, machine, make_config, model_args, plt, write_json
+from benchmarks.common import (ROOT, base_parser, fresh_dir, lineage_checksums, lineage_positions, machine, make_config,
+                               model_args, plt, write_json)
 
 NAME = "scaling"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
@@ -212,14 +212,12 @@ def flow(spec: dict) -> dict:
     runners.shutdown()
     timed("serve", lambda: in_process("serve"))
     engine = S3T.open(state, progress=False, repair=False)
-    # checkpoint keys hash keyed slice versions (a secret per state folder), so two states name the same training
-    # differently: compare them by lineage position, (shard, sequence prefix, stage) -> sha256 of the file
-    rows = engine.checkpoint_rows()
-    where = {k: f"{r['shard']}/{r['prefix']}/{r['stage']}" for k, r in rows.items()}
+    # two states name the same training differently: compare them by lineage position (benchmarks/common.py)
+    where = lineage_positions(engine)
     served = engine.served()[1]
     return {
         "phases": phases, "steps": steps, "runs": runs, "victims": victims, "coordinator_pid": os.getpid(),
-        "checkpoints": {where[k]: hashlib.sha256(engine.checkpoints.path(k).read_bytes()).hexdigest() for k in rows},
+        "checkpoints": lineage_checksums(engine),
         "served_plan": {"plan": served["plan"], "checkpoints": {s: [where[k] for k in keys] for s, keys in served["checkpoints"].items()}},
         "missing_after": len(engine.missing_stages()),
     }

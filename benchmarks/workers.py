@@ -22,7 +22,6 @@ Writes <out>/workers.json and <out>/workers.png; the state folders are removed.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -33,7 +32,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import QUICK, ROOT, base_parser, clean_env, fresh_dir, machine, plt, target, write_json
+from benchmarks.common import (QUICK, ROOT, base_parser, clean_env, fresh_dir, lineage_checksums, machine, plt, target,
+                               write_json)
 
 NAME = "workers"
 
@@ -74,10 +74,7 @@ def timed_command(cmd: list[str], log: Path, timeout: float) -> dict:
 def checkpoints_by_lineage(state: Path) -> dict[str, str]:
     from s3t_ops.engine import S3T
 
-    engine = S3T.open(state, progress=False, repair=False)
-    rows = engine.checkpoint_rows()
-    return {f"{r['shard']}/{r['prefix']}/{r['stage']}": hashlib.sha256(engine.checkpoints.path(k).read_bytes()).hexdigest()
-            for k, r in rows.items()}
+    return lineage_checksums(S3T.open(state, progress=False, repair=False))
 
 
 def measure_train(args, workers: int, root: Path) -> dict:
