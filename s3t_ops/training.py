@@ -7,9 +7,9 @@ Whichever door trains, the last stage that was stale stamps the deletions `retra
 first checks nothing is still stale).
 
 Every core: the (shard, sequence) chains are independent, and so is every stage of one depth across chains (stage k
-needs only its parent, stage k-1 of the same chain). With `workers` > 1 the stages a run needs are trained wave by
-wave (every stage 1 side by side, then every stage 2, ...) in a pool of processes that each open the state and load
-the backbone once; each records its stage exactly as one process does (the ledger's transaction is the only place
+needs only its parent, stage k-1 of the same chain). With `workers` > 1 the stages a run needs are trained in a pool
+of processes, each as soon as its parent is done (no barrier between depths); the processes each open the state and
+load the backbone once; each records its stage exactly as one process does (the ledger's transaction is the only place
 that commits). Every process trains with one intra-op thread, the pool's workers and a single process alike, so the
 checkpoints are the same bytes whatever the number of workers. The trunk cache is built the same way, a file per
 task. On a GPU the work stays in one process.
@@ -123,6 +123,15 @@ def chain_costs(state: State, chains: dict[tuple[int, int], list[StageSpec]]) ->
             for c, specs in chains.items()}
 
 
+def chains_to_retrain(state: State, policy: str = "all", budget: int | None = None) -> tuple[list[tuple[int, int, int]], int]:
+    """The stale (shard, sequence) chains the retraining `policy` picks now (s3t_ops/policy.py), within `budget`
+    example-steps if given, in the policy's order, each with the first stage it must retrain; and how many stale
+    chains it leaves for later. `s3t train` and the Dagster nightly schedule pick through this one call."""
+    chains = stale_chains(state)
+    chosen = select_chains(chain_costs(state, chains), policy, budget)
+    return [(s, q, min(x.stage for x in chains[(s, q)])) for s, q in chosen], len(chains) - len(chosen)
+
+
 def stale_partitions(state: State) -> dict[int, list[tuple[int, int]]]:
     """Stage -> (shard, sequence) partitions awaiting retraining (shared prefixes counted for every sequence)."""
     rows = state.checkpoint_rows()
@@ -212,9 +221,8 @@ def train(state: State, policy: str = "all", budget: int | None = None, workers:
     t0 = time.perf_counter()
     report = TrainReport()
     report.reused = len({s.key for s in stage_specs(state)}) - len(missing_stages(state))
-    chains = stale_chains(state)
-    chosen = set(select_chains(chain_costs(state, chains), policy, budget))
-    report.deferred = len(chains) - len(chosen)
+    picked, report.deferred = chains_to_retrain(state, policy, budget)
+    chosen = {(s, q) for s, q, _ in picked}
     for _round in range(5):
         todo, seen = [], set()
         for (s, q), specs in stale_chains(state).items():
@@ -227,7 +235,7 @@ def train(state: State, policy: str = "all", budget: int | None = None, workers:
         work = sum(chain_costs(state, {(0, 0): todo}).values())
         with state.bar(work, "training stages") as bar:
             if workers > 1 and len(todo) > 1 and state.cfg.device == "cpu":
-                outcomes = run_waves(state, todo, workers, progress=bar.update)
+                outcomes = run_stages(state, todo, workers, progress=bar.update)
             else:
                 outcomes = []
                 with one_thread():
@@ -344,20 +352,52 @@ def pool(state: State, workers: int) -> ProcessPoolExecutor:
                                initargs=(str(state.root), dict(state.tags), os.getpid()))
 
 
-def run_waves(state: State, todo: Sequence[StageSpec], workers: int, progress: Callable[[int], None] | None = None
+def run_stages(state: State, todo: Sequence[StageSpec], workers: int, progress: Callable[[int], None] | None = None
                ) -> list[tuple[StageSpec, str, int]]:
-    """Train `todo` stage by stage in `workers` processes; (spec, outcome, example-steps) in the order of `todo`."""
+    """Train `todo` in `workers` processes; (spec, outcome, example-steps) in the order of `todo`.
+
+    A stage starts as soon as its parent is done (or at once when its parent is not part of the run): no barrier
+    between depths, so a worker never idles while another finishes the last stage of a depth. Of the ready stages
+    the shallowest goes first: it has the longest chain of work still waiting below it. Only `workers` stages are in
+    flight at a time, so this order, not the pool's FIFO queue, decides what runs next."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
     by_key = {s.key: s for s in todo}
+    waiting = {s.key: s.parent_key for s in todo if s.parent_key in by_key}
+    ready = sorted((s for s in todo if s.key not in waiting), key=lambda x: (x.stage, x.shard, x.seq))
     out: dict[str, tuple[str, int]] = {}
     with pool(state, min(workers, len(todo))) as ex:
-        for stage in sorted({s.stage for s in todo}):
-            wave = [s.key for s in todo if s.stage == stage]
-            for key, outcome, steps in ex.map(_train, wave):
+        running: dict = {}
+        while ready or running:
+            while ready and len(running) < workers:
+                spec = ready.pop(0)
+                running[ex.submit(_train, spec.key)] = spec.key
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                key, outcome, steps = future.result()
+                del running[future]
                 out[key] = (outcome, steps)
                 if progress is not None:
                     progress(steps)
+                children = [k for k, parent in waiting.items() if parent == key]
+                for child in children:
+                    del waiting[child]
+                    if outcome == "trained":
+                        ready.append(by_key[child])
+                    else:  # its parent was not recorded (a deletion came in): the next round replans the chain
+                        out[child] = ("skipped", 0)
+                        _skip_below(child, waiting, out)
+                ready.sort(key=lambda x: (x.stage, x.shard, x.seq))
     state.forget_rows()
     return [(by_key[k], *out[k]) for k in by_key]
+
+
+def _skip_below(key: str, waiting: dict[str, str | None], out: dict[str, tuple[str, int]]) -> None:
+    """Mark every stage below `key` in `waiting` skipped (its ancestor was not trained in this round)."""
+    for child in [k for k, parent in waiting.items() if parent == key]:
+        del waiting[child]
+        out[child] = ("skipped", 0)
+        _skip_below(child, waiting, out)
 
 
 def build_trunk(state: State, workers: int = 1) -> int:
