@@ -76,7 +76,8 @@ def build_definitions(settings: PipelineSettings) -> dg.Definitions:
                                                    minimum_interval_seconds=15),
         ],
         # the nightly policy has a schedule; the eager one retrains through automation and lists no schedule
-        schedules=[] if eager else [build_retrain_schedule(stages, settings.retrain_cron)],
+        schedules=[] if eager else [build_retrain_schedule(stages, settings.retrain_cron, settings.retrain_chains,
+                                                                  settings.retrain_budget)],
         resources=build_resources(settings),
         executor=build_executor(settings),
     )

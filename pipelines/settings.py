@@ -4,7 +4,10 @@ S3T_STATE (default ./s3t_state) names the state folder; its config.json wins whe
 S3T_CONFIG (a JSON file of S3TConfig fields) or the defaults. S3T_STORAGE_URL (an fsspec URL, e.g.
 s3://bucket/prefix) puts a new state's trunk cache, slice files and checkpoints there (docs/scaling.md,
 "Storage"); for an existing state it must name the URL the state was created with. S3T_RETRAIN picks the retraining
-policy for stale stages: "nightly" (default; cron S3T_RETRAIN_CRON, "0 2 * * *") or "eager".
+policy for stale stages: "nightly" (default; cron S3T_RETRAIN_CRON, "0 2 * * *") or "eager". At each nightly tick
+S3T_RETRAIN_CHAINS ("all", default, or "cheapest": per shard the sequence cheapest to bring back to full depth) and
+S3T_RETRAIN_BUDGET (example-steps per tick; empty: no cap) pick which stale chains retrain, as `s3t train --policy`
+and `--budget-steps` do; the others wait for a later tick while the planner serves their best valid prefix.
 S3T_EXECUTOR picks Dagster's executor for asset runs (docs/scaling.md): "multiprocess" (default), "dask"
 (S3T_DASK_ADDRESS: an existing scheduler; else a local cluster of S3T_DASK_WORKERS worker processes) or
 "k8s" (one pod per step; stage steps request S3T_K8S_CPU and S3T_K8S_MEMORY).
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from s3t_ops.config import S3TConfig
+from s3t_ops.policy import POLICIES as CHAIN_POLICIES
 
 POLICIES = ("nightly", "eager")
 EXECUTORS = ("multiprocess", "dask", "k8s")
@@ -27,6 +31,8 @@ class PipelineSettings:
     cfg: S3TConfig
     retrain_policy: str = "nightly"
     retrain_cron: str = "0 2 * * *"
+    retrain_chains: str = "all"  # which stale chains a nightly tick retrains (s3t_ops/policy.py)
+    retrain_budget: int | None = None  # example-steps a nightly tick may spend; None: no cap
     model_name: str = "s3t-ensemble"
     tracking_uri: str = ""  # empty: sqlite in the state folder
     executor: str = "multiprocess"
@@ -38,6 +44,10 @@ class PipelineSettings:
     def __post_init__(self) -> None:
         if self.retrain_policy not in POLICIES:
             raise ValueError(f"S3T_RETRAIN must be one of {', '.join(POLICIES)}, got {self.retrain_policy!r}")
+        if self.retrain_chains not in CHAIN_POLICIES:
+            raise ValueError(f"S3T_RETRAIN_CHAINS must be one of {', '.join(CHAIN_POLICIES)}, got {self.retrain_chains!r}")
+        if self.retrain_budget is not None and self.retrain_budget < 0:
+            raise ValueError(f"S3T_RETRAIN_BUDGET must be >= 0 example-steps, got {self.retrain_budget}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"S3T_EXECUTOR must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.dask_workers < 1:
@@ -67,6 +77,8 @@ def load_settings(env: dict[str, str] | None = None) -> PipelineSettings:
         cfg=S3TConfig.from_dict(data),
         retrain_policy=env.get("S3T_RETRAIN", "nightly"),
         retrain_cron=env.get("S3T_RETRAIN_CRON", "0 2 * * *"),
+        retrain_chains=env.get("S3T_RETRAIN_CHAINS", "all"),
+        retrain_budget=_int(env, "S3T_RETRAIN_BUDGET", None) if env.get("S3T_RETRAIN_BUDGET", "") != "" else None,
         model_name=env.get("S3T_MODEL_NAME", "s3t-ensemble"),
         tracking_uri=tracking_uri,
         executor=env.get("S3T_EXECUTOR", "multiprocess"),

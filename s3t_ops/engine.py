@@ -113,6 +113,9 @@ class S3T:
     def stale_chains(self, versions=None, rows=None):
         return training.stale_chains(self.state, versions, rows)
 
+    def chains_to_retrain(self, policy: str = "all", budget: int | None = None):
+        return training.chains_to_retrain(self.state, policy, budget)
+
     def chain_costs(self, chains) -> dict[tuple[int, int], int]:
         return training.chain_costs(self.state, chains)
 

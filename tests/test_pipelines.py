@@ -65,6 +65,15 @@ def test_partitions_and_mapping_follow_the_sequences():
 def test_invalid_policy_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="S3T_RETRAIN"):
         load_settings({"S3T_STATE": str(tmp_path), "S3T_RETRAIN": "weekly"})
+    with pytest.raises(ValueError, match="S3T_RETRAIN_CHAINS must be one of all, cheapest, got 'some'"):
+        load_settings({"S3T_STATE": str(tmp_path), "S3T_RETRAIN_CHAINS": "some"})
+    with pytest.raises(ValueError, match="S3T_RETRAIN_BUDGET must be an integer"):
+        load_settings({"S3T_STATE": str(tmp_path), "S3T_RETRAIN_BUDGET": "lots"})
+    with pytest.raises(ValueError, match="S3T_RETRAIN_BUDGET must be >= 0"):
+        load_settings({"S3T_STATE": str(tmp_path), "S3T_RETRAIN_BUDGET": "-1"})
+    got = load_settings({"S3T_STATE": str(tmp_path), "S3T_RETRAIN_CHAINS": "cheapest", "S3T_RETRAIN_BUDGET": "5000"})
+    assert (got.retrain_chains, got.retrain_budget) == ("cheapest", 5000)
+    assert load_settings({"S3T_STATE": str(tmp_path), "S3T_RETRAIN_BUDGET": ""}).retrain_budget is None
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +240,20 @@ def test_nightly_schedule_requests_each_stale_sequence_from_its_first_stale_stag
         p = S3TPartitions.parse(r.partition_key)
         got[(p["shard"], p["seq"])] = min(int(k.path[-1].split("_")[1]) for k in r.asset_selection)
     assert got == first
+    # the policy and budget of `s3t train`, set for the nightly tick: per shard only the sequence whose deleted slice
+    # sits last (one stage to redo); with a budget of 0 example-steps nothing fits and the tick says so
+    cheapest = build_definitions(PipelineSettings(cfg=cfg, retrain_policy="nightly", retrain_chains="cheapest"))
+    with dg.build_schedule_context(instance=instance, resources=cheapest.resources, scheduled_execution_time=tick,
+                                   repository_def=cheapest.get_repository_def()) as ctx:
+        reqs = list(cheapest.resolve_schedule_def("retrain_stale_stages").evaluate_tick(ctx).run_requests)
+    last = next(q for q, perm in enumerate(cyclic(3, 3)) if perm[-1] == j)
+    assert [(S3TPartitions.parse(r.partition_key)["shard"], S3TPartitions.parse(r.partition_key)["seq"],
+             [k.path[-1] for k in r.asset_selection]) for r in reqs] == [(s, last, ["stage_3"])]
+    broke = build_definitions(PipelineSettings(cfg=cfg, retrain_policy="nightly", retrain_budget=0))
+    with dg.build_schedule_context(instance=instance, resources=broke.resources, scheduled_execution_time=tick,
+                                   repository_def=broke.get_repository_def()) as ctx:
+        result = broke.resolve_schedule_def("retrain_stale_stages").evaluate_tick(ctx)
+    assert not list(result.run_requests or []) and "none within at most 0 example-steps" in result.skip_message
     engine.train()
     with dg.build_schedule_context(instance=instance, resources=defs.resources, scheduled_execution_time=tick,
                                    repository_def=defs.get_repository_def()) as ctx:
