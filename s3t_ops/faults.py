@@ -1,7 +1,8 @@
 """Named crash points, so crash tests kill the process at an exact step instead of relying on timing.
 
 `S3T_CRASH_AT=<point>` makes the process SIGKILL itself the first time it reaches `crash_point(point)`
-(`S3T_CRASH_AT=<point>:<n>`: the n-th time). `S3T_PAUSE_AT=<point>:<file>` makes it wait at that point
+(`S3T_CRASH_AT=<point>:<n>`: the n-th time in the whole command, its pool workers included: arrivals are counted
+in a file named after the command's pid, so which worker trains which stage does not decide whether it fires). `S3T_PAUSE_AT=<point>:<file>` makes it wait at that point
 until `<file>` exists (it touches `<file>.reached` on arrival), so a test can run a second command
 in between, deterministically. Unset, both cost one dictionary lookup.
 
@@ -51,6 +52,29 @@ def as_worker_of(parent_pid: int) -> None:
     _machine[:] = [parent_pid]
 
 
+def _arrivals(name: str) -> int:
+    """This arrival's number at `name` in the command (the process and its pool workers together)."""
+    import fcntl
+    import tempfile
+
+    command = _machine[0] if _machine else os.getpid()
+    try:  # the command's start time too, so a later process that reuses the pid starts from zero
+        started = Path(f"/proc/{command}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except OSError:
+        started = "0"
+    path = Path(tempfile.gettempdir()) / f"s3t-crash-{command}-{started}-{name}"
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        n = int(f.read() or 0) + 1
+        f.seek(0)
+        f.truncate()
+        f.write(str(n))
+        f.flush()
+    _hits[name] = n
+    return n
+
+
 def _parse(var: str) -> tuple[str, str] | None:
     value = os.environ.get(var)
     if not value:
@@ -65,8 +89,7 @@ def crash_point(name: str) -> None:
         raise ValueError(f"unknown crash point {name!r}")
     crash = _parse("S3T_CRASH_AT")
     if crash and crash[0] == name:
-        _hits[name] = _hits.get(name, 0) + 1
-        if _hits[name] >= int(crash[1] or 1):
+        if _arrivals(name) >= int(crash[1] or 1):
             for pid in _machine:
                 os.kill(pid, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)

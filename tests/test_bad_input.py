@@ -4,6 +4,7 @@ new folder leaves no folder behind. Also: tampered checkpoints are detected and 
 forget racing a training run leaves no checkpoint trained on the deleted example."""
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -215,7 +216,9 @@ def test_forget_while_train_runs_leaves_no_checkpoint_trained_on_the_deleted_exa
         release.touch()
         out, err = trainer.communicate(timeout=300)
         assert trainer.returncode == 0, err
-        assert "discarded 1 stage(s) trained on data deleted meanwhile" in out, out
+        # every stage that held y's slice when y was deleted (one per worker paused there, at least the one waited
+        # for) is discarded, never recorded
+        assert int(re.search(r"discarded (\d+) stage\(s\) trained on data deleted meanwhile", out).group(1)) >= 1, out
     finally:
         if trainer.poll() is None:
             trainer.kill()
