@@ -58,7 +58,10 @@ class S3TConfig:
     stage_model: str = option("layered", "what a stage trains: layered (S3T's top-down groups) or full_depth (every "
                                           "group, from the stage before: SISA's checkpoints along S3T's sequences)",
                               choices=STAGE_MODELS)
-    trunk_dtype: str = option("float32", "how cached hidden states are stored (float16 halves the cache)", choices=TRUNK_DTYPES)
+    # float16 since the stage ablation on 3 seeds (BENCHMARKS.md, "Trunk cache"): the same accuracy, half the bytes;
+    # states saved before keep float32 (LEGACY_FIELDS), and their checkpoint keys
+    trunk_dtype: str = option("float16", "how cached hidden states are stored (float16: half of float32's bytes, the "
+                                         "same accuracy measured on 3 seeds)", choices=TRUNK_DTYPES)
     # the device decides the bits of a stage (a GPU's kernels are not the CPU's): in the fingerprint unless cpu, and
     # `auto` is resolved (and saved) when a state is created
     device: str = option("cpu", "where the trunk is computed and stages train: cpu, cuda (deterministic kernels), or auto "

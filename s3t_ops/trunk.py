@@ -8,8 +8,8 @@ state's `Storage` (s3t_ops/storage.py): a local folder, or an object store.
 Storage is kept small (it grows with the data: bytes per example are reported by `bytes_per_example`):
 - a boundary at block 0 is the embedding layer's output, a per-token lookup: the cache keeps the token
   ids (int32) and recomputes it (bit for bit) instead of storing [T, H] floats;
-- the other boundaries are stored in the config's `trunk_dtype` (float32 by default; float16 halves
-  them) and widened to float32 when read, so training always computes in float32;
+- the other boundaries are stored in the config's `trunk_dtype` (float16 by default, half of
+  float32's bytes at the same measured accuracy) and widened to float32 when read, so training always computes in float32;
 - the attention mask as uint8.
 """
 from __future__ import annotations

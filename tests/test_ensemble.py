@@ -23,8 +23,10 @@ def _one_thread(one_torch_thread):
 
 @pytest.fixture(scope="module")
 def cfg(tiny_backbone_dir) -> S3TConfig:
-    # 4 blocks, L=4: one block per group, so depths 1..4 start from blocks 3, 2, 1, 0
-    return S3TConfig(shards=4, slices=4, budget=1, max_tokens=16, lora_rank=4, lora_alpha=8, backbone=str(tiny_backbone_dir))
+    # 4 blocks, L=4: one block per group, so depths 1..4 start from blocks 3, 2, 1, 0; a float32 trunk, so the cached
+    # path can be compared bit for bit with the full forward pass (float16, the default, is tested on its own below)
+    return S3TConfig(shards=4, slices=4, budget=1, max_tokens=16, lora_rank=4, lora_alpha=8, backbone=str(tiny_backbone_dir),
+                     trunk_dtype="float32")
 
 
 def _random_state(bb: Backbone, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
