@@ -120,7 +120,7 @@ def test_the_pool_starts_a_stage_when_its_parent_is_done_and_skips_what_sits_bel
             in_flight[0] += 1
             in_flight[1] = max(in_flight[1], in_flight[0])
             log.append(("start", key))
-        time.sleep(0.3 if key == "0-0-1" else 0.02)
+        time.sleep(1.0 if key == "0-0-1" else 0.02)
         with lock:
             in_flight[0] -= 1
             log.append(("end", key))
