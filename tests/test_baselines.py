@@ -19,15 +19,25 @@ def _one_thread(one_torch_thread):
     """Every test of this module runs torch on one thread (tests/conftest.py)."""
 
 
-@pytest.fixture
-def setup(tmp_path, tiny_config):
-    """An ingested S3T state (m=2, L=2, B=2) with its trunk, and the shared data view of the baselines."""
+def _setup(tmp_path, tiny_config, **changes):
     path = tmp_path / "toy.csv"
     toy_frame(60).to_csv(path, index=False)
-    cfg = tiny_config(epochs=1, n_val=6, n_test=12)
+    cfg = tiny_config(epochs=1, n_val=6, n_test=12, **changes)
     engine = S3T.create(cfg, path, progress=False, publisher=Publisher())
     engine.build_trunk()
     return engine, SharedData.from_engine(engine)
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_config):
+    """An ingested S3T state (m=2, L=2, B=2) with its trunk, and the shared data view of the baselines."""
+    return _setup(tmp_path, tiny_config)
+
+
+@pytest.fixture
+def setup32(tmp_path, tiny_config):
+    """The same with a float32 trunk cache, which stores the frozen states exactly."""
+    return _setup(tmp_path, tiny_config, trunk_dtype="float32")
 
 
 def _by_cell(data: SharedData) -> dict[tuple[int, int], list[str]]:
@@ -183,9 +193,10 @@ def test_aggregate_mean_and_vote():
         aggregate([a], "median")
 
 
-def test_naive_stage_training_equals_trunk_stage_training(setup):
-    """The trunk shortcut is exact: a stage trained with full forwards gives the same checkpoint."""
-    engine, data = setup
+def test_naive_stage_training_equals_trunk_stage_training(setup32):
+    """The trunk shortcut is exact with a float32 cache: a stage trained with full forwards gives the same checkpoint.
+    (float16, the default, rounds the stored states to within 4e-3; tests/test_ensemble.py bounds what that changes.)"""
+    engine, data = setup32
     bb = data.backbone
     ids = data.ids_in(set(data.cells), shard=0)
     labels = data.label_tensor(ids)
