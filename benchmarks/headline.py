@@ -672,6 +672,13 @@ def main(argv: list[str] | None = None) -> dict:
         result = json.loads(path.read_text()) if path.is_file() else {}
         if result and (result.get("args", {}).get("n_train"), result.get("args", {}).get("shards")) != (args.n_train, args.shards):
             p.error(f"{path} holds a run with other sizes; use --fresh or another --out")
+        from s3t_ops.config import S3TConfig
+
+        dtype = S3TConfig().trunk_dtype  # the default changed once (float32 -> float16): never mix the two in one result
+        if result and result.get("trunk_dtype", "float32") != dtype:
+            p.error(f"{path} holds a run with a {result.get('trunk_dtype', 'float32')} trunk cache, the default is {dtype} "
+                    "now; use --fresh or another --out")
+        result["trunk_dtype"] = dtype
         seeds = list(result.get("seeds", [])) + [s for s in args.seeds if s not in result.get("seeds", [])]
         result.update({"benchmark": NAME, "args": vars(args), "seeds": seeds})
         result.setdefault("runs", {})

@@ -37,7 +37,10 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "lr3e-3": ({"lr": 3e-3}, True),
     "epochs4": ({"epochs": 4}, True),
     "frozen3": ({"frozen_blocks": 3}, False),
+    # the trunk's storage, both ways: float16 is the default since 2026-12-07 (so `baseline` means float16 from then
+    # on; a results file resumed from before holds a float32 baseline: rerun into a fresh --out)
     "trunk_fp16": ({"trunk_dtype": "float16"}, True),
+    "trunk_fp32": ({"trunk_dtype": "float32"}, True),
 }
 
 

@@ -60,7 +60,8 @@ def load_settings(env: dict[str, str] | None = None) -> PipelineSettings:
     tracking_uri = user_tracking_uri(env) or ""
     env = dict(os.environ if env is None else env)
     state = Path(env.get("S3T_STATE", "s3t_state"))
-    if (state / "config.json").is_file():
+    saved = (state / "config.json").is_file()
+    if saved:
         data = json.loads((state / "config.json").read_text())
     elif env.get("S3T_CONFIG"):
         data = json.loads(Path(env["S3T_CONFIG"]).read_text())
@@ -74,7 +75,7 @@ def load_settings(env: dict[str, str] | None = None) -> PipelineSettings:
                              f"{state} was created with; storage is fixed when a state is created")
         data["storage_url"] = url
     return PipelineSettings(
-        cfg=S3TConfig.from_dict(data),
+        cfg=S3TConfig.from_dict(data, saved=saved),  # a new state takes today's defaults, as `s3t train` does
         retrain_policy=env.get("S3T_RETRAIN", "nightly"),
         retrain_cron=env.get("S3T_RETRAIN_CRON", "0 2 * * *"),
         retrain_chains=env.get("S3T_RETRAIN_CHAINS", "all"),

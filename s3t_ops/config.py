@@ -205,13 +205,15 @@ class S3TConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "S3TConfig":
+    def from_dict(cls, data: dict[str, Any], saved: bool = True) -> "S3TConfig":
+        """`saved`: a config a state wrote (config.json, a registered model): a field it lacks was added later, and that
+        state was trained with the field's old behaviour (LEGACY_FIELDS), not today's default. Not saved: the fields a
+        user chose for a new state (S3T_CONFIG, a JSON file); every other field takes today's default."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(unknown[0], f"unknown config field(s): {', '.join(unknown)}")
-        # a state saved before a field existed was trained with that field's old behaviour, not today's default
-        return cls(**{**LEGACY_FIELDS, **data})
+        return cls(**{**LEGACY_FIELDS, **data}) if saved else cls(**data)
 
     def replace(self, **changes: Any) -> "S3TConfig":
         return dataclasses.replace(self, **changes)

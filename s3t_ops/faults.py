@@ -39,7 +39,6 @@ POINTS = {
     "before_retrained_mark": "every stage trained, before deletions are marked retrained",
 }
 
-_hits: dict[str, int] = {}
 _machine: list[int] = []  # the pids a crash takes down with this one: a worker's parent (the whole command)
 
 
@@ -52,18 +51,24 @@ def as_worker_of(parent_pid: int) -> None:
     _machine[:] = [parent_pid]
 
 
-def _arrivals(name: str) -> int:
-    """This arrival's number at `name` in the command (the process and its pool workers together)."""
-    import fcntl
+def _counter(name: str) -> Path:
+    """The file counting arrivals at `name` in this command: named after the command's pid and start time (so a
+    later process that reuses the pid starts from zero); removed when the point fires."""
     import tempfile
 
     command = _machine[0] if _machine else os.getpid()
-    try:  # the command's start time too, so a later process that reuses the pid starts from zero
+    try:
         started = Path(f"/proc/{command}/stat").read_text().rsplit(")", 1)[-1].split()[19]
     except OSError:
         started = "0"
-    path = Path(tempfile.gettempdir()) / f"s3t-crash-{command}-{started}-{name}"
-    with open(path, "a+") as f:
+    return Path(tempfile.gettempdir()) / f"s3t-crash-{command}-{started}-{name}"
+
+
+def _arrivals(name: str) -> int:
+    """This arrival's number at `name` in the command (the process and its pool workers together)."""
+    import fcntl
+
+    with open(_counter(name), "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         n = int(f.read() or 0) + 1
@@ -71,7 +76,6 @@ def _arrivals(name: str) -> int:
         f.truncate()
         f.write(str(n))
         f.flush()
-    _hits[name] = n
     return n
 
 
@@ -90,6 +94,7 @@ def crash_point(name: str) -> None:
     crash = _parse("S3T_CRASH_AT")
     if crash and crash[0] == name:
         if _arrivals(name) >= int(crash[1] or 1):
+            _counter(name).unlink(missing_ok=True)
             for pid in _machine:
                 os.kill(pid, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)

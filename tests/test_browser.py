@@ -172,7 +172,7 @@ def test_the_readme_dagster_section_verbatim_in_a_browser(chromium, tmp_path, ca
     here = fresh_folder(tmp_path)
     state = here / "s3t_ui_state"
     small = json.loads((REPO / "pipelines" / "examples" / "small.json").read_text())
-    cfg = S3TConfig.from_dict({**small, "state_dir": str(state)})
+    cfg = S3TConfig.from_dict({**small, "state_dir": str(state)}, saved=False)
     L, shards = cfg.slices, cfg.shards
     parts = S3TPartitions(shards, select_sequences(cfg.selection, cfg.slices, cfg.budget, cfg.deletion_prior))
     n_slice_parts, n_stage_parts = shards * L, shards * len(parts.sequences)

@@ -121,3 +121,29 @@ def test_a_state_saved_before_a_field_existed_keeps_its_old_behaviour(tmp_path):
     assert S3TConfig.from_dict(d).refine_groups is False
     assert S3TConfig().refine_groups is True
     assert S3TConfig.from_dict(S3TConfig(state_dir=tmp_path).to_dict()).refine_groups is True
+
+
+def test_a_new_state_from_a_partial_config_takes_todays_defaults_at_every_door(tmp_path):
+    """The fields a user writes for a new state (S3T_CONFIG, or none) leave the rest at today's defaults, through the
+    CLI's config and the pipeline's settings alike; a saved config.json missing a field keeps that field's old
+    behaviour (float32 trunk, no refine_groups), and one that names float32 keeps it."""
+    import json
+
+    from pipelines.settings import load_settings
+
+    small = {"shards": 2, "slices": 2, "budget": 2, "epochs": 1}
+    assert S3TConfig.from_dict(small, saved=False) == S3TConfig(**small)
+    new = tmp_path / "new"
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    for env in ({"S3T_STATE": str(new)}, {"S3T_STATE": str(new), "S3T_CONFIG": str(tmp_path / "small.json")}):
+        cfg = load_settings(env).cfg
+        assert (cfg.trunk_dtype, cfg.refine_groups) == ("float16", True) == (S3TConfig().trunk_dtype, S3TConfig().refine_groups)
+    old = tmp_path / "old"
+    old.mkdir()
+    saved = S3TConfig(state_dir=old).to_dict()
+    del saved["trunk_dtype"], saved["refine_groups"]
+    (old / "config.json").write_text(json.dumps(saved))
+    cfg = load_settings({"S3T_STATE": str(old)}).cfg
+    assert (cfg.trunk_dtype, cfg.refine_groups) == ("float32", False)
+    (old / "config.json").write_text(json.dumps({**saved, "trunk_dtype": "float32"}))
+    assert load_settings({"S3T_STATE": str(old)}).cfg.trunk_dtype == "float32"
