@@ -205,6 +205,8 @@ def test_the_readme_dagster_section_verbatim_in_a_browser(chromium, tmp_path, ca
             try:
                 page = browser.new_page(viewport={"width": 1920, "height": 1080})
                 page.set_default_timeout(UI_MS)
+                expect.set_options(timeout=UI_MS)  # expectations too (their own default is 5 s: MLflow's runs table
+                # took longer to render on a loaded machine)
                 page.set_default_navigation_timeout(120_000)
                 page.add_locator_handler(page.get_by_text("Join the Dagster community"),
                                          lambda: page.get_by_role("button", name="Skip").click())
