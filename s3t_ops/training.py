@@ -364,7 +364,10 @@ def run_stages(state: State, todo: Sequence[StageSpec], workers: int, progress: 
 
     by_key = {s.key: s for s in todo}
     waiting = {s.key: s.parent_key for s in todo if s.parent_key in by_key}
-    ready = sorted((s for s in todo if s.key not in waiting), key=lambda x: (x.stage, x.shard, x.seq))
+    def shallowest(spec: StageSpec) -> tuple[int, int, int]:
+        return spec.stage, spec.shard, spec.seq
+
+    ready = sorted((s for s in todo if s.key not in waiting), key=shallowest)
     out: dict[str, tuple[str, int]] = {}
     with pool(state, min(workers, len(todo))) as ex:
         running: dict = {}
@@ -379,15 +382,13 @@ def run_stages(state: State, todo: Sequence[StageSpec], workers: int, progress: 
                 out[key] = (outcome, steps)
                 if progress is not None:
                     progress(steps)
-                children = [k for k, parent in waiting.items() if parent == key]
-                for child in children:
-                    del waiting[child]
-                    if outcome == "trained":
+                if outcome == "trained":
+                    for child in [k for k, parent in waiting.items() if parent == key]:
+                        del waiting[child]
                         ready.append(by_key[child])
-                    else:  # its parent was not recorded (a deletion came in): the next round replans the chain
-                        out[child] = ("skipped", 0)
-                        _skip_below(child, waiting, out)
-                ready.sort(key=lambda x: (x.stage, x.shard, x.seq))
+                    ready.sort(key=shallowest)
+                else:  # not recorded (a deletion came in): the next round replans the chain below it
+                    _skip_below(key, waiting, out)
     state.forget_rows()
     return [(by_key[k], *out[k]) for k in by_key]
 
