@@ -104,7 +104,7 @@ class Seed:
 
         a = self.args
         values = dict(shards=a.shards, slices=a.slices, budget=a.slices, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test,
-                      seed=self.seed, backbone=a.backbone, state_dir=state_dir)
+                      seed=self.seed, backbone=a.backbone, state_dir=state_dir, trunk_dtype=a.trunk_dtype)
         if a.epochs:
             values["epochs"] = a.epochs
         if a.quick:
@@ -168,6 +168,11 @@ class Seed:
 
         eng = self.engine(variant if view is None else view, stage_model=STAGE_MODEL[variant])
         return S3TSystem(eng, 0, name=LABELS[variant])
+
+    def sisa_count(self) -> int | None:
+        """How many SISA replicas this run fits: B when sisa_eq is asked for, else classic SISA alone (replica 0 has
+        the same bytes either way, so workloads (b) and (c) never fit replicas nobody asked for)."""
+        return None if "sisa_eq" in self.args.systems else 1
 
     def sisa_replicas(self, count: int | None = None):
         """SISA x B replicas, fitted once and kept on disk (replica 0 is classic SISA); a fresh copy per call,
@@ -255,7 +260,7 @@ def run_uniform(s: Seed) -> None:
         s.say(f"{variant}: acc@0 {out['main']['curve'][0]['accuracy']:.4f}, capacity {out['main']['capacity']}")
         s.save()
     if {"sisa", "sisa_eq"} & set(args.systems) - set(systems):
-        replicas, fit = s.sisa_replicas(None if "sisa_eq" in args.systems else 1)
+        replicas, fit = s.sisa_replicas(s.sisa_count())
         if "sisa_eq" in args.systems and "sisa_eq" not in systems:
             out = lifetime(replicas.clone(), victims, args.max_deletions, args.quiet, "SISA x B deletions")
             systems["sisa_eq"] = {"fit": fit, **out["main"]}
@@ -295,7 +300,7 @@ def run_stream(s: Seed) -> None:
         if not path.exists():
             raise RuntimeError(f"{path} is missing: run the uniform workload of {v} first (it clones the fitted state)")
         systems[v] = S3TSystem(S3T.open(path, progress=not args.quiet, publisher=Publisher()), 0, name=LABELS[v])
-    replicas, _ = s.sisa_replicas()
+    replicas, _ = s.sisa_replicas(s.sisa_count())
     sisa = replicas.replicas[0].clone(retrain=False, name=LABELS["sisa"])
     for day in rec["days"]:  # a resumed process: replay the finished days on SISA (deterministic)
         for v in day["ids"]:
@@ -361,7 +366,7 @@ def run_skewed(s: Seed) -> None:
         systems["s3t_full_bms"] = {"fit": fit, **out["main"]}
         s.save()
     if "sisa" not in systems:
-        replicas, _ = s.sisa_replicas()
+        replicas, _ = s.sisa_replicas(s.sisa_count())
         out = lifetime(replicas.replicas[0].clone(retrain=False), victims, args.max_deletions, args.quiet, "SISA (skewed)")
         systems["sisa"] = {"fit": {"shared_with": "sisa"}, **out["main"]}
         s.save()
@@ -614,8 +619,12 @@ def merge(sources: list[str]) -> dict:
         part = json.loads(path.read_text())
         if result and (part["args"]["n_train"], part["args"]["shards"]) != (result["args"]["n_train"], result["args"]["shards"]):
             raise SystemExit(f"--merge: {path} holds a run with other sizes")
+        if result and part.get("trunk_dtype", "float32") != result["trunk_dtype"]:
+            raise SystemExit(f"--merge: {path} holds a run with a {part.get('trunk_dtype', 'float32')} trunk cache, "
+                             f"the others a {result['trunk_dtype']} one")
         if not result:
-            result = {"benchmark": NAME, "args": part["args"], "seeds": [], "runs": {}, "machines": [], "merged_from": []}
+            result = {"benchmark": NAME, "args": part["args"], "trunk_dtype": part.get("trunk_dtype", "float32"), "seeds": [],
+                      "runs": {}, "machines": [], "merged_from": []}
         result["merged_from"].append(str(path))
         result["machines"] += part.get("machines", [])
         for seed, rec in part["runs"].items():
@@ -639,6 +648,8 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--n-val", type=int, default=1000)
     g.add_argument("--n-test", type=int, default=1000)
     g.add_argument("--epochs", type=int, default=None, help="epochs per stage / slice step / model (default: the config's)")
+    g.add_argument("--trunk-dtype", default=None, choices=["float16", "float32"],
+                   help="how the trunk cache stores hidden states (default: the config's); one result never mixes the two")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), help=f"from {', '.join(SYSTEMS)}")
     p.add_argument("--workloads", nargs="+", default=["uniform", "stream", "skewed"], choices=["uniform", "stream", "skewed"])
@@ -674,10 +685,10 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"{path} holds a run with other sizes; use --fresh or another --out")
         from s3t_ops.config import S3TConfig
 
-        dtype = S3TConfig().trunk_dtype  # the default changed once (float32 -> float16): never mix the two in one result
+        dtype = args.trunk_dtype = args.trunk_dtype or S3TConfig().trunk_dtype  # never mix the two in one result
         if result and result.get("trunk_dtype", "float32") != dtype:
-            p.error(f"{path} holds a run with a {result.get('trunk_dtype', 'float32')} trunk cache, the default is {dtype} "
-                    "now; use --fresh or another --out")
+            p.error(f"{path} holds a run with a {result.get('trunk_dtype', 'float32')} trunk cache, this run's is {dtype}; "
+                    f"pass --trunk-dtype {result.get('trunk_dtype', 'float32')}, --fresh or another --out")
         result["trunk_dtype"] = dtype
         seeds = list(result.get("seeds", [])) + [s for s in args.seeds if s not in result.get("seeds", [])]
         result.update({"benchmark": NAME, "args": vars(args), "seeds": seeds})

@@ -102,6 +102,18 @@ def test_headline_quick_resumes_and_reports_both_comparisons(tmp_path, toy_sourc
     assert len(after["machines"]) == len(before["machines"]) + 1
     merged = headline.main(["--out", str(tmp_path / "m"), "--quiet", "--merge", str(out)])  # another process's results
     assert merged["runs"] == after["runs"] and merged["best_variant"] == after["best_variant"]
+    # one result never mixes trunk dtypes: a resume with the other one, or a merge of two, is refused
+    assert after["trunk_dtype"] == merged["trunk_dtype"] == "float16"
+    with pytest.raises(SystemExit) as refused:
+        headline.main(args + ["--trunk-dtype", "float32"])
+    assert refused.value.code == 2 and json.loads((out / "headline.json").read_text()) == after
+    f32 = tmp_path / "f32"
+    headline.main(["--out", str(f32), "--quick", "--quiet", "--source", str(toy_source), "--backbone", str(tiny_backbone_dir),
+                   "--seeds", "0", "--systems", "sisa", "--workloads", "uniform", "--trunk-dtype", "float32"])
+    assert json.loads((f32 / "headline.json").read_text())["trunk_dtype"] == "float32"
+    assert json.loads((f32 / "state-headline" / "seed0" / "data" / "config.json").read_text())["trunk_dtype"] == "float32"
+    with pytest.raises(SystemExit, match="float32 trunk cache"):
+        headline.main(["--out", str(tmp_path / "m2"), "--quiet", "--merge", str(out), str(f32)])
 
 
 def test_prefix_depth_quick_measures_every_depth_and_keeps_no_state(tmp_path, toy_source, tiny_backbone_dir):
