@@ -610,17 +610,18 @@ def validate(p, args) -> None:
 
 
 def merge(sources: list[str]) -> dict:
-    """One result from several processes' headline.json files (each seed from the file that holds the most of it)."""
+    """One result from several processes' headline.json files (each seed from the file that holds the most of it).
+    ValueError (the caller's one-line error) for a missing file or runs that must not be combined."""
     result: dict = {}
     for src in sources:
         path = Path(src) / f"{NAME}.json"
         if not path.is_file():
-            raise SystemExit(f"--merge: {path} does not exist")
+            raise ValueError(f"--merge: {path} does not exist")
         part = json.loads(path.read_text())
         if result and (part["args"]["n_train"], part["args"]["shards"]) != (result["args"]["n_train"], result["args"]["shards"]):
-            raise SystemExit(f"--merge: {path} holds a run with other sizes")
+            raise ValueError(f"--merge: {path} holds a run with other sizes")
         if result and part.get("trunk_dtype", "float32") != result["trunk_dtype"]:
-            raise SystemExit(f"--merge: {path} holds a run with a {part.get('trunk_dtype', 'float32')} trunk cache, "
+            raise ValueError(f"--merge: {path} holds a run with a {part.get('trunk_dtype', 'float32')} trunk cache, "
                              f"the others a {result['trunk_dtype']} one")
         if not result:
             result = {"benchmark": NAME, "args": part["args"], "trunk_dtype": part.get("trunk_dtype", "float32"), "seeds": [],
@@ -674,7 +675,10 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{NAME}.json"
     if args.merge:
-        result = merge(args.merge)
+        try:
+            result = merge(args.merge)
+        except ValueError as e:
+            p.error(str(e))
     else:
         root = out / f"state-{NAME}"
         if args.fresh:

@@ -63,7 +63,7 @@ def test_help_is_truthful(name):
         assert "--quick" in out and f"{name}.json" in out or name == "run_all"
 
 
-def test_headline_quick_resumes_and_reports_both_comparisons(tmp_path, toy_source, tiny_backbone_dir):
+def test_headline_quick_resumes_and_reports_both_comparisons(tmp_path, toy_source, tiny_backbone_dir, capsys):
     from benchmarks import headline
 
     out = tmp_path / "h"
@@ -112,8 +112,9 @@ def test_headline_quick_resumes_and_reports_both_comparisons(tmp_path, toy_sourc
                    "--seeds", "0", "--systems", "sisa", "--workloads", "uniform", "--trunk-dtype", "float32"])
     assert json.loads((f32 / "headline.json").read_text())["trunk_dtype"] == "float32"
     assert json.loads((f32 / "state-headline" / "seed0" / "data" / "config.json").read_text())["trunk_dtype"] == "float32"
-    with pytest.raises(SystemExit, match="float32 trunk cache"):
+    with pytest.raises(SystemExit) as refused:
         headline.main(["--out", str(tmp_path / "m2"), "--quiet", "--merge", str(out), str(f32)])
+    assert refused.value.code == 2 and "holds a run with a float32 trunk cache, the others a float16 one" in capsys.readouterr().err
 
 
 def test_prefix_depth_quick_measures_every_depth_and_keeps_no_state(tmp_path, toy_source, tiny_backbone_dir):
