@@ -520,7 +520,7 @@ def plot(result: dict, path: Path) -> None:
             continue
         n = max(result["per_seed"][s]["lifetime_requests"] for s in seeds) if seeds else 0
         ys = np.array([accs(c, n) for c in curves])
-        ax.plot(range(n + 1), ys.mean(0), color=COLORS[key], label=LABELS[key], lw=1.4)
+        ax.plot(range(n + 1), ys.mean(0), color=COLORS[key], label=f"{LABELS[key]} ({len(curves)} seeds)", lw=1.4)
         if len(curves) > 1:
             ax.fill_between(range(n + 1), ys.min(0), ys.max(0), color=COLORS[key], alpha=0.1)
     ax.set_xlabel("uniform deletion requests, no retraining (until the last system serves nothing)")
@@ -534,7 +534,7 @@ def plot(result: dict, path: Path) -> None:
         if a.get("mean") is None or c.get("mean") is None:
             continue
         err = (a["mean"] - a["ci95"][0]) if a.get("ci95") else 0
-        ax.errorbar([c["mean"]], [a["mean"]], yerr=[err], fmt="o", color=COLORS[key], capsize=3, label=LABELS[key])
+        ax.errorbar([c["mean"]], [a["mean"]], yerr=[err], fmt="o", color=COLORS[key], capsize=3, label=f"{LABELS[key]} ({a['n']} seeds)")
         ax.annotate(key, (c["mean"], a["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("training compute (gradient example-steps, log)")
@@ -547,8 +547,8 @@ def plot(result: dict, path: Path) -> None:
     ax.bar(range(len(keys)), vals, color=[COLORS[k] for k in keys])
     for i, v in enumerate(vals):
         ax.text(i, v + 0.5, f"{v:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(range(len(keys)), keys, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("requests until nothing is served (mean over seeds)")
+    ax.set_xticks(range(len(keys)), [f"{k} ({result['capacity'][k]['n']})" for k in keys], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("requests until nothing is served (mean over (n) seeds)")
     ax.set_title("deletion capacity (uniform requests)", fontsize=9)
     ax = axes[3]
     stream_seeds = [s for s in seeds if result["runs"][s].get("stream", {}).get("days")]
@@ -573,6 +573,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("day (requests honoured at once; nights retrain at equal example-steps)")
         ax.set_ylabel(f"test accuracy (mean over seeds {', '.join(stream_seeds)})")
         ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_axis_off()
     ax.set_title("(b) a stream of deletions, equal nightly compute", fontsize=9)
     fig.suptitle(f"S3T vs SISA on {result.get('n_train')} training tweets, m={result['args']['shards']}, L={result['args']['slices']}, "
                  f"B={result['args']['slices']}, seeds {result['seeds']}", fontsize=10)
