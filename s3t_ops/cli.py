@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which stale (shard, sequence) chains to retrain: all, or per shard the cheapest to bring back to full "
                         "depth (the others wait for a later run; the served plan keeps the best valid prefix) (default %(default)s)")
     p.add_argument("--budget-steps", type=int, default=None,
-                   help="cap on this run's gradient example-steps; chains are taken cheapest first while they fit (default: none)")
+                   help="cap on this run's gradient example-steps; chains are taken while they fit, every shard's cheapest first and "
+                        "shards serving the shallowest prefix before the others (default: none)")
     _config_args(p)
 
     p = sub.add_parser("forget", help="delete examples: honoured at once by a new serving plan (no training), champion moved, data erased")

@@ -31,7 +31,7 @@ from s3t_ops.checkpoints import IntegrityError, root_key, stage_key, stage_seed
 from s3t_ops.datafiles import slice_file, trunk_file
 from s3t_ops.faults import as_worker_of, crash_point
 from s3t_ops.ledger import now
-from s3t_ops.policy import select_chains
+from s3t_ops.policy import select_chains, served_depths
 from s3t_ops.state import StaleStage, State, StateError
 
 Versions = dict[tuple[int, int], str]
@@ -128,8 +128,10 @@ def chains_to_retrain(state: State, policy: str = "all", budget: int | None = No
     example-steps if given, in the policy's order, each with the first stage it must retrain; and how many stale
     chains it leaves for later. `s3t train` and the Dagster nightly schedule pick through this one call."""
     chains = stale_chains(state)
-    chosen = select_chains(chain_costs(state, chains), policy, budget)
-    return [(s, q, min(x.stage for x in chains[(s, q)])) for s, q in chosen], len(chains) - len(chosen)
+    first = {c: min(x.stage for x in specs) for c, specs in chains.items()}
+    served = served_depths(first, state.cfg.shards, len(state.sequences), state.cfg.slices)
+    chosen = select_chains(chain_costs(state, chains), policy, budget, served)
+    return [(s, q, first[(s, q)]) for s, q in chosen], len(chains) - len(chosen)
 
 
 def stale_partitions(state: State) -> dict[int, list[tuple[int, int]]]:
