@@ -20,7 +20,7 @@ Workloads (nothing retrains in (a) and (c)):
 (b) stream (--stream-seeds): --per-day requests a day for --days days, honoured at once (serving plan / prefix
     fallback, 0 gradient steps); each night SISA retrains every hit shard from its fallback, and each S3T
     variant of --stream-systems retrains within the SAME example-steps SISA just spent (equal nightly compute;
-    its retraining policy takes the cheapest chains first: s3t_ops/policy.py).
+    chains in the retraining policy's budget order: every shard's cheapest first, shards serving least first; s3t_ops/policy.py).
 (c) skewed (--skewed-seeds): requests drawn with a per-slice deletion prior (--prior; slice j of any shard gets
     a request with probability p_j), until the last system dies: S3T with BMS sequences for that prior (where
     BMS picks the same set as cyclic rotations, which it does for B = L = 3, the cyclic state is reused), SISA
