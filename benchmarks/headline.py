@@ -675,14 +675,15 @@ def main(argv: list[str] | None = None) -> dict:
     validate(p, args)
     apply_threads(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{NAME}.json"
     if args.merge:
         try:
             result = merge(args.merge)
         except ValueError as e:
-            p.error(str(e))
+            p.error(str(e))  # before --out is created: a refused merge leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
     else:
+        out.mkdir(parents=True, exist_ok=True)
         root = out / f"state-{NAME}"
         if args.fresh:
             shutil.rmtree(root, ignore_errors=True)

@@ -115,6 +115,7 @@ def test_headline_quick_resumes_and_reports_both_comparisons(tmp_path, toy_sourc
     with pytest.raises(SystemExit) as refused:
         headline.main(["--out", str(tmp_path / "m2"), "--quiet", "--merge", str(out), str(f32)])
     assert refused.value.code == 2 and "holds a run with a float32 trunk cache, the others a float16 one" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()  # nothing written, not even the --out folder
 
 
 def test_prefix_depth_quick_measures_every_depth_and_keeps_no_state(tmp_path, toy_source, tiny_backbone_dir):
